@@ -1,0 +1,269 @@
+"""The math of TrAct: patch Gram matrices and the preconditioned first-layer weight gradient.
+
+Notation (paper, Eq. 10): for a layer ``z = W a`` applied to the rows ``a`` of the patch matrix
+``A`` (N rows, n columns), TrAct replaces the weight gradient ``grad_W`` by
+
+    grad_W · (A^T A / N + λ I)^-1
+
+For a convolution, the rows of ``A`` are the receptive fields (one per output position and image),
+flattened in the weight's ``(in_channels / groups, *kernel_size)`` order, with one matrix per group.
+
+Everything here is pure tensor code without host synchronisation: Gram and solve run in float32
+(float64 for float64 inputs) whatever autocast or the parameter dtype says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+# Upper bound on the elements of the patch-matrix chunk materialised at once when computing the
+# Gram of a general convolution (2**25 float32 values = 128 MiB), so the extra memory stays bounded
+# whatever the batch and image size.
+DEFAULT_CHUNK_ELEMENTS = 2**25
+
+PaddingArg = Union[str, int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a layer turns its input into patch rows.
+
+    ``spatial_dims == 0`` means a linear layer (the rows are the input's last dimension).
+    Convolution attributes use the ``torch.nn.ConvNd`` conventions; ``padding`` may be a string
+    (``"same"`` / ``"valid"``) or one int per spatial dimension.
+    """
+
+    spatial_dims: int = 0
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: Union[str, tuple[int, ...]] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def linear(cls) -> "PatchGeometry":
+        return cls()
+
+    @classmethod
+    def conv(
+        cls,
+        kernel_size: Sequence[int],
+        stride: Union[int, Sequence[int]] = 1,
+        padding: PaddingArg = 0,
+        dilation: Union[int, Sequence[int]] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+    ) -> "PatchGeometry":
+        dims = len(kernel_size)
+
+        def expand(value):
+            return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+        if not isinstance(padding, str):
+            padding = expand(padding)
+        return cls(dims, tuple(int(k) for k in kernel_size), expand(stride), padding, expand(dilation), int(groups), padding_mode)
+
+    def pad_amounts(self) -> tuple[tuple[int, int], ...]:
+        """(left, right) padding per spatial dimension, as the convolution applies it."""
+        if self.padding == "valid":
+            return tuple((0, 0) for _ in self.kernel_size)
+        if self.padding == "same":
+            amounts = []
+            for k, d in zip(self.kernel_size, self.dilation):
+                total = d * (k - 1)
+                amounts.append((total // 2, total - total // 2))
+            return tuple(amounts)
+        return tuple((p, p) for p in self.padding)
+
+
+def gram_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 otherwise (half types have no linalg kernels)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _padded_input(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
+    amounts = geometry.pad_amounts()
+    if not any(left or right for left, right in amounts):
+        return x
+    # F.pad takes the last dimension first.
+    flat = [p for pair in reversed(amounts) for p in pair]
+    if geometry.padding_mode == "zeros":
+        return F.pad(x, flat)
+    return F.pad(x, flat, mode=geometry.padding_mode)
+
+
+def _patch_view(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
+    """Strided view ``(B, C, *out_positions, *kernel)`` of the receptive fields (no copy)."""
+    x = _padded_input(x, geometry)
+    d = geometry.spatial_dims
+    for axis, (k, s, dil) in enumerate(zip(geometry.kernel_size, geometry.stride, geometry.dilation)):
+        x = x.unfold(2 + axis, dil * (k - 1) + 1, s)
+    if any(dil != 1 for dil in geometry.dilation):
+        index = (slice(None),) * (2 + d) + tuple(slice(None, None, dil) for dil in geometry.dilation)
+        x = x[index]
+    return x
+
+
+def _unbatched_to_batched(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
+    # Conv layers accept unbatched (C, *spatial) input.
+    return x.unsqueeze(0) if x.dim() == geometry.spatial_dims + 1 else x
+
+
+def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int):
+    """Yield ``(groups, rows, n)`` patch matrices over chunks of the batch."""
+    x = _unbatched_to_batched(x, geometry)
+    d, g = geometry.spatial_dims, geometry.groups
+    view = _patch_view(x, geometry)  # (B, C, *out, *k)
+    batch, channels = view.shape[:2]
+    out_shape = view.shape[2 : 2 + d]
+    per_image = math.prod(out_shape) * channels * math.prod(geometry.kernel_size)
+    step = max(1, min(batch, chunk_elements // max(per_image, 1)))
+    view = view.unflatten(1, (g, channels // g))  # (B, g, C/g, *out, *k)
+    # -> (g, B, *out, C/g, *k): rows are output positions, columns follow the weight layout.
+    order = (1, 0, *range(3, 3 + d), 2, *range(3 + d, 3 + 2 * d))
+    n = channels // g * math.prod(geometry.kernel_size)
+    for start in range(0, batch, step):
+        chunk = view[start : start + step].permute(order)
+        yield chunk.reshape(g, -1, n)
+
+
+def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
+    """The full patch matrix ``A`` as ``(groups, N, n)`` in the Gram dtype.
+
+    Materialises every patch: use it for small N (the Woodbury path) and in tests.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.detach().to(gram_dtype(x))
+        if geometry.spatial_dims == 0:
+            return x.reshape(1, -1, x.shape[-1])
+        return torch.cat(list(_conv_patch_chunks(x, geometry, chunk_elements=x.numel() * 10**6)), dim=1)
+
+
+def num_patch_rows(x: torch.Tensor, geometry: PatchGeometry) -> int:
+    """N, the number of rows of the patch matrix (computed from shapes only)."""
+    if geometry.spatial_dims == 0:
+        return x.numel() // x.shape[-1] if x.shape[-1] else 0
+    x_shape = _unbatched_to_batched(x, geometry).shape
+    rows = x_shape[0]
+    for size, (left, right), k, s, dil in zip(
+        x_shape[2:], geometry.pad_amounts(), geometry.kernel_size, geometry.stride, geometry.dilation
+    ):
+        rows *= (size + left + right - dil * (k - 1) - 1) // s + 1
+    return rows
+
+
+def patch_gram(
+    x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Unnormalised Gram ``A^T A`` of the layer's input patches, shape ``(groups, n, n)``.
+
+    Accumulated in float32 (float64 for float64 input) with autocast disabled. General
+    convolutions are unfolded in chunks of at most ``chunk_elements`` values.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.detach()
+        dtype = gram_dtype(x)
+        if geometry.spatial_dims == 0:
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            return (rows.T @ rows).unsqueeze(0)
+        gram = None
+        for chunk in _conv_patch_chunks(x, geometry, chunk_elements):
+            chunk = chunk.to(dtype)
+            part = torch.bmm(chunk.transpose(1, 2), chunk)
+            gram = part if gram is None else gram.add_(part)
+        return gram
+
+
+def _grouped(grad_weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(out, in/groups, *k)`` -> ``(groups, out/groups, n)``."""
+    return grad_weight.reshape(groups, grad_weight.shape[0] // groups, -1)
+
+
+def precondition_with_gram(
+    grad_weight: torch.Tensor,
+    gram: torch.Tensor,
+    num_rows: Union[int, torch.Tensor],
+    lambda_: float,
+    solve_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``grad_W · (G / N + λ I)^-1`` for each group, via a Cholesky solve.
+
+    Args:
+        grad_weight: plain weight gradient, ``(out, in/groups, *kernel)`` or ``(out, in)``.
+        gram: unnormalised Gram ``A^T A``, ``(groups, n, n)``.
+        num_rows: N (int, or a 0-d tensor when it was all-reduced).
+        lambda_: the TrAct regulariser λ > 0.
+        solve_dtype: dtype of the factorisation; default float64. The regularised Gram's
+            eigenvalues are at least λ, but its largest grow with the input scale: float64 keeps
+            un-standardised inputs (e.g. pixels in [0, 255]) solvable at no measurable cost for the
+            small n of first layers. float32 is a documented speed option.
+
+    Returns:
+        The TrAct weight gradient, with the dtype and shape of ``grad_weight``.
+
+    If the factorisation fails (non-finite Gram) the result falls back, per group and without a
+    host synchronisation, to the plain gradient scaled by ``1 / (trace(G)/(N n) + λ)``, the
+    preconditioner with the Gram replaced by its mean eigenvalue.
+    """
+    groups, n, _ = gram.shape
+    dtype = solve_dtype or torch.float64
+    with torch.autocast(grad_weight.device.type, enabled=False):
+        eye = torch.eye(n, dtype=dtype, device=gram.device)
+        if isinstance(num_rows, torch.Tensor):
+            num_rows = num_rows.to(dtype)
+        regularized = gram.to(dtype) / num_rows + lambda_ * eye
+        rhs = _grouped(grad_weight, groups).to(dtype).transpose(1, 2)  # (g, n, out/g)
+        factor, info = torch.linalg.cholesky_ex(regularized)
+        solved = torch.cholesky_solve(rhs, factor)
+        mean_eig = regularized.diagonal(dim1=1, dim2=2).mean(-1).reshape(groups, 1, 1)
+        solved = torch.where((info == 0).reshape(groups, 1, 1), solved, rhs / mean_eig)
+        return solved.transpose(1, 2).reshape(grad_weight.shape).to(grad_weight.dtype)
+
+
+def precondition_with_patches(
+    grad_weight: torch.Tensor,
+    patches: torch.Tensor,
+    lambda_: float,
+    solve_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Woodbury form of :func:`precondition_with_gram`, cheaper when N < n.
+
+    ``(A^T A / N + λ I)^-1 = (I - A^T (N λ I + A A^T)^-1 A) / λ``, so only an N×N system is
+    solved. ``patches`` is ``A`` as ``(groups, N, n)``.
+    """
+    groups, rows, _ = patches.shape
+    dtype = solve_dtype or torch.float64
+    with torch.autocast(grad_weight.device.type, enabled=False):
+        a = patches.to(dtype)
+        g = _grouped(grad_weight, groups).to(dtype)  # (g, out/g, n)
+        kernel = a @ a.transpose(1, 2) + (rows * lambda_) * torch.eye(rows, dtype=dtype, device=a.device)
+        factor, info = torch.linalg.cholesky_ex(kernel)
+        projected = torch.cholesky_solve(a, factor)  # (g, N, n)
+        result = (g - (g @ a.transpose(1, 2)) @ projected) / lambda_
+        mean_eig = (a * a).sum((1, 2)).reshape(groups, 1, 1) / (rows * a.shape[-1]) + lambda_
+        result = torch.where((info == 0).reshape(groups, 1, 1), result, g / mean_eig)
+        return result.reshape(grad_weight.shape).to(grad_weight.dtype)
+
+
+def tract_weight_grad(
+    grad_weight: torch.Tensor,
+    x: torch.Tensor,
+    geometry: PatchGeometry,
+    lambda_: float,
+    solve_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """TrAct weight gradient from the plain one and the layer input, in one call.
+
+    Chooses the Woodbury form when the batch has fewer patch rows than the Gram has columns.
+    """
+    n = grad_weight[0].numel()
+    rows = num_patch_rows(x, geometry)
+    if rows < n:
+        return precondition_with_patches(grad_weight, patch_matrix(x, geometry), lambda_, solve_dtype)
+    return precondition_with_gram(grad_weight, patch_gram(x, geometry), rows, lambda_, solve_dtype)

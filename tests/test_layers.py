@@ -1,0 +1,234 @@
+"""The TrAct layer against its oracles: closed form (fp64), official torch-tract (fp32), plain model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hf_tract import apply_tract, remove_tract
+from hf_tract import functional as tf
+from hf_tract.modules import TrActLayerMixin
+
+from .oracle import patch_matrix_reference, relative_error, tract_grad_reference
+
+# (constructor, input shape): every layer kind and option the layer accepts.
+LAYER_CASES = {
+    "linear_2d": (lambda: nn.Linear(12, 5), (40, 12)),
+    "linear_3d_leading": (lambda: nn.Linear(12, 5, bias=False), (3, 20, 12)),
+    "linear_few_rows": (lambda: nn.Linear(30, 4), (2, 3, 30)),  # N=6 < n=30: Woodbury
+    "conv1d": (lambda: nn.Conv1d(3, 6, 5, stride=2, padding=1), (4, 3, 33)),
+    "conv1d_same_dilated": (lambda: nn.Conv1d(2, 4, 4, padding="same", dilation=2, bias=False), (3, 2, 20)),
+    "conv1d_circular": (lambda: nn.Conv1d(2, 4, 3, padding=2, padding_mode="circular"), (3, 2, 17)),
+    "conv2d_patchify": (lambda: nn.Conv2d(3, 8, 4, stride=4), (4, 3, 16, 16)),
+    "conv2d_patchify_crop": (lambda: nn.Conv2d(3, 8, 4, stride=4), (2, 3, 18, 17)),
+    "conv2d_stem": (lambda: nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), (2, 3, 20, 20)),
+    "conv2d_tuple_args": (lambda: nn.Conv2d(2, 6, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), (3, 2, 15, 14)),
+    "conv2d_valid": (lambda: nn.Conv2d(3, 4, 3, padding="valid"), (2, 3, 11, 9)),
+    "conv2d_same_even_kernel": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 10, 9)),
+    "conv2d_groups": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (3, 4, 10, 10)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(3, 6, 3, stride=2, groups=3), (4, 3, 12, 12)),
+    "conv2d_reflect": (lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), (2, 3, 9, 9)),
+    "conv2d_replicate": (lambda: nn.Conv2d(3, 5, 3, padding=2, padding_mode="replicate", bias=False), (2, 3, 9, 8)),
+    "conv2d_circular_same": (lambda: nn.Conv2d(2, 5, 3, padding="same", padding_mode="circular"), (2, 2, 8, 8)),
+    "conv2d_few_rows": (lambda: nn.Conv2d(3, 4, 8, stride=8), (1, 3, 16, 16)),  # N=4 < n=192: Woodbury
+    "conv2d_unbatched": (lambda: nn.Conv2d(3, 4, 3), (3, 9, 9)),
+    "conv3d_video_patch": (lambda: nn.Conv3d(3, 8, (2, 4, 4), stride=(2, 4, 4)), (2, 3, 4, 12, 12)),
+    "conv3d_general": (lambda: nn.Conv3d(2, 4, 3, stride=2, padding=1, dilation=1, groups=2), (2, 2, 6, 7, 6)),
+}
+
+
+def _make(case, dtype=torch.float64, seed=0):
+    build, shape = LAYER_CASES[case]
+    torch.manual_seed(seed)
+    layer = build().to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    return layer, x
+
+
+def _grads(layer, x, upstream):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    out.backward(upstream)
+    return out.detach(), x.grad, {name: p.grad.clone() for name, p in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("lambda_", [0.05, 0.7])
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_weight_grad_matches_closed_form_fp64(case, lambda_):
+    plain, x = _make(case)
+    patched = apply_tract(copy.deepcopy(plain), lambda_=lambda_, target="")
+    upstream = torch.randn_like(plain(x))
+    _, _, plain_grads = _grads(plain, x, upstream)
+    _, _, tract_grads = _grads(patched, x, upstream)
+    expected = tract_grad_reference(plain_grads["weight"], patch_matrix_reference(plain, x), lambda_)
+    assert relative_error(tract_grads["weight"], expected) <= 1e-10
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_everything_but_the_weight_grad_is_bit_identical(case):
+    plain, x = _make(case, dtype=torch.float32)
+    patched = apply_tract(copy.deepcopy(plain), target="")
+    upstream = torch.randn_like(plain(x))
+    plain_out, plain_dx, plain_grads = _grads(plain, x, upstream)
+    tract_out, tract_dx, tract_grads = _grads(patched, x, upstream)
+    assert torch.equal(plain_out, tract_out)
+    assert torch.equal(plain_dx, tract_dx)
+    if "bias" in plain_grads:
+        assert torch.equal(plain_grads["bias"], tract_grads["bias"])
+    assert tract_grads["weight"].dtype == plain_grads["weight"].dtype
+    assert not torch.equal(plain_grads["weight"], tract_grads["weight"])
+
+
+@pytest.mark.parametrize("case", ["linear_2d", "conv2d_patchify", "conv2d_stem", "linear_few_rows", "conv2d_few_rows"])
+def test_agrees_with_official_torch_tract_fp32(case):
+    torch_tract = pytest.importorskip("torch_tract")
+    plain, x = _make(case, dtype=torch.float32)
+    if isinstance(plain, nn.Linear):
+        x = x.reshape(-1, x.shape[-1])  # the official Linear only takes 2-d input
+    official = torch_tract.TrAct(copy.deepcopy(plain), l=0.1)
+    official.load_state_dict(plain.state_dict())
+    patched = apply_tract(copy.deepcopy(plain), lambda_=0.1, target="")
+    upstream = torch.randn_like(plain(x))
+    _, official_dx, official_grads = _grads(official, x, upstream)
+    _, tract_dx, tract_grads = _grads(patched, x, upstream)
+    assert relative_error(tract_grads["weight"], official_grads["weight"]) <= 1e-4
+    assert relative_error(tract_dx, official_dx) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["linear_3d_leading", "conv2d_patchify", "conv2d_stem", "conv1d", "conv3d_video_patch"])
+def test_autocast_runs_and_agrees_with_fp32(case, dtype):
+    plain, x = _make(case, dtype=torch.float32)
+    patched = apply_tract(copy.deepcopy(plain), target="")
+    upstream = torch.randn_like(plain(x))
+    _, _, fp32_tract = _grads(patched, x, upstream)
+    patched.zero_grad()
+    grads = {}
+    for name, layer in (("plain", plain), ("tract", patched)):
+        x_req = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            out = layer(x_req)
+        assert out.dtype == dtype
+        out.float().backward(upstream)
+        grads[name] = layer.weight.grad
+    assert grads["tract"].dtype == torch.float32 and torch.isfinite(grads["tract"]).all()
+    # The Gram and the solve ran in float32 whatever autocast says: TrAct of the autocast plain
+    # gradient, computed in float64, is matched to float32 accuracy ...
+    expected = tract_grad_reference(grads["plain"], patch_matrix_reference(plain, x), 0.1)
+    assert relative_error(grads["tract"], expected) <= 1e-5
+    # ... and the end result is the float32 one up to the half-precision convolution's own error.
+    tolerance = {torch.bfloat16: 8e-2, torch.float16: 1e-2}[dtype]
+    assert relative_error(grads["tract"], fp32_tract["weight"]) <= tolerance
+
+
+def test_low_precision_parameters_return_their_dtype():
+    layer, x = _make("conv2d_patchify", dtype=torch.float32)
+    layer = apply_tract(layer.to(torch.bfloat16), target="")
+    layer(x.to(torch.bfloat16)).sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16
+    assert torch.isfinite(layer.weight.grad.float()).all()
+
+
+@pytest.mark.parametrize("case", ["linear_2d", "conv2d_stem", "linear_few_rows"])
+def test_large_lambda_limit_is_the_plain_gradient(case):
+    plain, x = _make(case)
+    lambda_ = 1e8
+    patched = apply_tract(copy.deepcopy(plain), lambda_=lambda_, target="")
+    upstream = torch.randn_like(plain(x))
+    _, _, plain_grads = _grads(plain, x, upstream)
+    _, _, tract_grads = _grads(patched, x, upstream)
+    assert relative_error(lambda_ * tract_grads["weight"], plain_grads["weight"]) <= 1e-6
+
+
+def _forbid_gram(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the Gram must not be computed on this path")
+
+    monkeypatch.setattr("hf_tract.modules.patch_gram", fail)
+    monkeypatch.setattr("hf_tract.modules.patch_matrix", fail)
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad", "frozen"])
+def test_inactive_paths_are_the_plain_layer(mode, monkeypatch):
+    plain, x = _make("conv2d_stem", dtype=torch.float32)
+    patched = apply_tract(copy.deepcopy(plain), target="")
+    _forbid_gram(monkeypatch)
+    if mode == "eval":
+        patched.eval()
+        plain.eval()
+    if mode == "frozen":
+        patched.weight.requires_grad_(False)
+        plain.weight.requires_grad_(False)
+    context = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
+    x_req = x.clone().requires_grad_(mode != "no_grad")
+    with context:
+        out_patched, out_plain = patched(x_req), plain(x_req)
+    assert torch.equal(out_patched, out_plain)
+    if mode != "no_grad":
+        assert type(out_patched.grad_fn) is type(out_plain.grad_fn)
+        out_patched.sum().backward()
+
+
+def test_gram_chunking_is_exact():
+    layer, x = _make("conv2d_stem")
+    geometry = tf.PatchGeometry.conv(layer.kernel_size, layer.stride, layer.padding)
+    whole = tf.patch_gram(x, geometry)
+    chunked = tf.patch_gram(x, geometry, chunk_elements=1)
+    assert relative_error(chunked, whole) <= 1e-13
+
+
+def test_woodbury_and_primal_forms_agree():
+    torch.manual_seed(0)
+    patches = torch.randn(2, 7, 20, dtype=torch.float64)
+    grad = torch.randn(6, 20, dtype=torch.float64)  # 2 groups of 3 outputs
+    gram = patches.transpose(1, 2) @ patches
+    primal = tf.precondition_with_gram(grad, gram, 7, 0.1)
+    woodbury = tf.precondition_with_patches(grad, patches, 0.1)
+    assert relative_error(woodbury, primal) <= 1e-10
+
+
+def test_unstandardized_pixels_stay_finite():
+    layer, x = _make("conv2d_stem", dtype=torch.float32)
+    patched = apply_tract(layer, target="")
+    patched(x.abs() * 255).sum().backward()
+    assert torch.isfinite(patched.weight.grad).all()
+
+
+def test_non_finite_gram_does_not_raise():
+    grad = torch.randn(4, 9)
+    gram = torch.full((1, 9, 9), float("nan"))
+    result = tf.precondition_with_gram(grad, gram, 10, 0.1)
+    assert result.shape == grad.shape
+
+
+def test_custom_forward_conv_keeps_its_maths_and_preconditions_the_seen_weight():
+    class StandardizedConv(nn.Conv2d):
+        """Weight standardisation + dynamic padding in its own forward, like BiT / timm StdConv2dSame."""
+
+        def forward(self, x):
+            x = F.pad(x, (1, 2, 1, 2))
+            mean = self.weight.mean((1, 2, 3), keepdim=True)
+            std = self.weight.std((1, 2, 3), keepdim=True)
+            return F.conv2d(x, (self.weight - mean) / std, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    plain = StandardizedConv(3, 5, 4, stride=2).double()
+    patched = apply_tract(copy.deepcopy(plain), lambda_=0.2, target="")
+    assert isinstance(patched, StandardizedConv) and isinstance(patched, TrActLayerMixin)
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    upstream = torch.randn_like(plain(x))
+    assert torch.equal(plain(x), patched(x))
+    patched(x).backward(upstream)
+
+    # Oracle: TrAct on the gradient of the standardised weight, then back through the standardisation.
+    weight = plain.weight
+    seen = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True)
+    seen_grad = torch.autograd.grad(F.conv2d(F.pad(x, (1, 2, 1, 2)), seen, plain.bias, 2), seen, upstream, retain_graph=True)[0]
+    probe = nn.Conv2d(3, 5, 4, stride=2).double()
+    patches = patch_matrix_reference(probe, F.pad(x, (1, 2, 1, 2)))
+    expected = torch.autograd.grad(seen, weight, tract_grad_reference(seen_grad, patches, 0.2))[0]
+    assert relative_error(patched.weight.grad, expected) <= 1e-10
+    remove_tract(patched)
+    assert type(patched) is StandardizedConv
