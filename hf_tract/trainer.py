@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -377,6 +378,39 @@ class TrActTrainer(Trainer):
             optimizer = CombinedOptimizer([optimizer, sgd])
         self.optimizer = optimizer
         return optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """
+        Load the model weights of a checkpoint, also for models whose saved keys differ from their
+        module names.
+
+        transformers 5 saves some models (ViT among them) under legacy key names and converts them
+        back only in `from_pretrained`; `Trainer._load_from_checkpoint` (5.24) loads the raw state
+        dict instead, so resuming silently keeps the *initial* weights of every renamed tensor (it
+        only logs missing/unexpected keys). This loads such checkpoints through `from_pretrained`.
+        """
+        from transformers import PreTrainedModel
+
+        target = self.model if model is None else model
+        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
+        plain_path = not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and isinstance(target, PreTrainedModel)
+        if plain_path and os.path.isfile(weights):
+            from safetensors import safe_open
+
+            with safe_open(weights, framework="pt") as f:
+                saved_keys = set(f.keys())
+            if saved_keys != set(target.state_dict()):
+                loaded = type(target).from_pretrained(
+                    resume_from_checkpoint, config=target.config, dtype=target.dtype, use_safetensors=True
+                )
+                result = target.load_state_dict(loaded.state_dict(), strict=False)
+                if result.missing_keys or result.unexpected_keys:
+                    raise RuntimeError(
+                        f"Could not load the weights of {resume_from_checkpoint} into the model: missing "
+                        f"{result.missing_keys}, unexpected {result.unexpected_keys}."
+                    )
+                return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _tract_unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
