@@ -52,15 +52,24 @@ def _path_matches(name: str, recorded: str) -> bool:
 
 
 def _from_registry(model: nn.Module) -> list[str]:
+    """Recorded first layers of this model class, else of this ``model_type`` (matched by path
+    suffix); used only when exactly one recorded set of layers is present in the model."""
     registry = _registry()
-    modules = dict(model.named_modules())
-    paths = registry["by_class"].get(type(model).__name__)
-    if paths and all(p in modules and _supported(modules[p]) for p in paths):
-        return list(paths)
+    modules = {name: m for name, m in model.named_modules() if _supported(m)}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    recorded = registry["by_model_type"].get(model_type, [])
-    found = [name for name, m in modules.items() if _supported(m) and any(_path_matches(name, r) for r in recorded)]
-    return found
+    lookups = (
+        (registry["by_class"].get(type(model).__name__, []), str.__eq__),
+        (registry["by_model_type"].get(model_type, []), _path_matches),
+    )
+    for path_sets, matches in lookups:
+        present = set()
+        for paths in path_sets:
+            found = tuple(sorted(n for n in modules if any(matches(n, p) for p in paths)))
+            if found and all(any(matches(n, p) for n in found) for p in paths):
+                present.add(found)
+        if len(present) == 1:
+            return list(present.pop())
+    return []
 
 
 def _from_timm(model: nn.Module) -> list[str]:
