@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""Train an image classifier with TrAct using the 🤗 Trainer.
+
+This follows transformers' `examples/pytorch/image-classification/run_image_classification.py`
+(HfArgumentParser, `datasets.load_dataset`, an image processor, `Trainer`, `compute_metrics`,
+`--push_to_hub`); the TrAct part is `TrActTrainingArguments` (`--use_tract`, `--tract_lambda`,
+`--tract_target`, ...) in place of `TrainingArguments`, and `TrActTrainer` in place of `Trainer`.
+
+With no arguments it trains offline, on 2 CPU cores in a few minutes: a small ViT built from config
+(one input channel) on the Fashion-MNIST subset embedded in `examples/data/fashion_mnist_small`, and
+writes a normal Trainer output folder (plain safetensors weights, config, image processor, model card)
+to `outputs/fashion-mnist-vit-tract`, with top-1 / top-5 accuracy in `all_results.json`.
+
+Examples:
+
+```bash
+# the default: offline, embedded Fashion-MNIST subset, small ViT from config
+python examples/train_image_classification.py
+
+# any Hub dataset / checkpoint when online, standard TrainingArguments flags
+python examples/train_image_classification.py --dataset_name uoft-cs/cifar10 --image_column_name img \\
+    --model_type vit --config_overrides "image_size=32,patch_size=4,num_channels=3,hidden_size=384" \\
+    --output_dir outputs/cifar10-vit-tract --num_train_epochs 100 --bf16 --tract_lambda 0.1
+
+# the same run without TrAct, as a baseline
+python examples/train_image_classification.py --use_tract False --output_dir outputs/fashion-mnist-vit
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    ViTImageProcessor,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_tract import TrActTrainer, TrActTrainingArguments
+from hf_tract.metrics import load_top_k_accuracy
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATASET = Path(__file__).resolve().parent / "data" / "fashion_mnist_small"
+# The default model: a 4-layer, 192-wide ViT on 7x7 patches of 4x4 pixels, one input channel (replicating
+# grayscale into 3 channels would make the TrAct patch Gram rank-deficient, and costs compute).
+DEFAULT_CONFIG_OVERRIDES = (
+    "image_size=28,patch_size=4,num_channels=1,hidden_size=192,num_hidden_layers=4,"
+    "num_attention_heads=3,intermediate_size=384"
+)
+# TrainingArguments defaults of the no-argument run; any of them can be overridden on the command line.
+DEFAULT_TRAINING_ARGS = {
+    "output_dir": "outputs/fashion-mnist-vit-tract",
+    "do_train": True,
+    "do_eval": True,
+    "num_train_epochs": 5,
+    "learning_rate": 2e-3,
+    "weight_decay": 0.05,
+    "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 128,
+    "per_device_eval_batch_size": 256,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "seed": 0,
+    "remove_unused_columns": False,
+    "report_to": "none",
+}
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train and evaluate on."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub dataset id or a local dataset folder (parquet, imagefolder, ...). Default: the "
+            "embedded Fashion-MNIST subset, unless --train_dir is given."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset configuration name."})
+    train_dir: str | None = field(default=None, metadata={"help": "An imagefolder with the training images."})
+    validation_dir: str | None = field(default=None, metadata={"help": "An imagefolder with the evaluation images."})
+    train_val_split: float = field(
+        default=0.15,
+        metadata={"help": "Fraction of train held out for evaluation when the dataset has no validation/test split."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the training set (quick runs, debugging)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the evaluation set (quick runs, debugging)."}
+    )
+    image_column_name: str = field(default="image", metadata={"help": "The column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "The column holding the labels."})
+    augment: bool = field(
+        default=True, metadata={"help": "Random horizontal flips and shifts of up to 1/8 of the side when training."}
+    )
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a checkpoint to fine-tune, or a model type built from config (from scratch)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A Hub model id or local checkpoint. Default: train from scratch."}
+    )
+    model_type: str = field(
+        default="vit", metadata={"help": "Model type to build from its config when --model_name_or_path is not given."}
+    )
+    config_overrides: str | None = field(
+        default=DEFAULT_CONFIG_OVERRIDES,
+        metadata={"help": "Comma-separated key=value config overrides when training from scratch."},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image processor name or path. From scratch, default: resize + normalize with the mean/std "
+            "measured on the training images (TrAct assumes standardized inputs)."
+        },
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and datasets."})
+    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the one of `hf auth login`)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow code from the Hub to run on your machine. Only for repositories you have read."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialize a checkpoint's classifier when the number of labels differs."}
+    )
+
+
+def measure_mean_std(dataset: datasets.Dataset, image_column: str, mode: str, max_images: int = 2000):
+    """Per-channel mean and std of pixel values in [0, 1] over (the first `max_images` of) a dataset."""
+    images = dataset.select(range(min(max_images, len(dataset))))[image_column]
+    pixels = np.concatenate(
+        [np.asarray(image.convert(mode), dtype=np.float64).reshape(-1, len(mode)) / 255.0 for image in images]
+    )
+    return pixels.mean(axis=0).round(4).tolist(), pixels.std(axis=0).round(4).tolist()
+
+
+def random_flip_and_shift(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Randomly flip one `(C, H, W)` image horizontally and shift it by up to 1/8 of its side.
+
+    Shifting pads with the border pixels (the background for centred objects such as Fashion-MNIST).
+    """
+    if torch.rand(()) < 0.5:
+        pixel_values = pixel_values.flip(-1)
+    _, height, width = pixel_values.shape
+    pad = max(1, min(height, width) // 8)
+    padded = torch.nn.functional.pad(pixel_values[None], (pad, pad, pad, pad), mode="replicate")[0]
+    top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    return padded[:, top : top + height, left : left + width]
+
+
+def load_image_dataset(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
+    """Load the dataset and choose the evaluation split.
+
+    Returns:
+        `(dataset, eval_split, labels)`: a `DatasetDict` with a `"train"` split, the name of the split to
+        evaluate on ("validation" when the dataset has one, else "test", else a `train_val_split` share of
+        train; `None` when there is none), and the class names.
+    """
+    if data_args.dataset_name is not None:
+        dataset = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+    elif data_args.train_dir is not None:
+        data_files = {"train": os.path.join(data_args.train_dir, "**")}
+        if data_args.validation_dir is not None:
+            data_files["validation"] = os.path.join(data_args.validation_dir, "**")
+        dataset = datasets.load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
+    else:
+        data_args.dataset_name = str(EMBEDDED_DATASET)
+        dataset = datasets.load_dataset(data_args.dataset_name, cache_dir=model_args.cache_dir)
+
+    eval_split = next((name for name in ("validation", "test") if name in dataset), None)
+    if eval_split is None and data_args.train_val_split > 0:
+        split = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
+        dataset["train"], dataset["validation"] = split["train"], split["test"]
+        eval_split = "validation"
+    for column in (data_args.image_column_name, data_args.label_column_name):
+        if column not in dataset["train"].column_names:
+            raise ValueError(
+                f"Column {column!r} not in the dataset (columns: {dataset['train'].column_names}); set "
+                "--image_column_name / --label_column_name."
+            )
+    label_feature = dataset["train"].features[data_args.label_column_name]
+    if not isinstance(label_feature, datasets.ClassLabel):
+        raise ValueError(f"Column {data_args.label_column_name!r} must be a ClassLabel, got {label_feature}.")
+    return dataset, eval_split, label_feature.names
+
+
+def build_model(model_args: ModelArguments, labels: list[str]):
+    """A checkpoint with a classification head for `labels`, or a new model of `model_type` from config."""
+    label2id = {label: i for i, label in enumerate(labels)}
+    id2label = dict(enumerate(labels))
+    if model_args.model_name_or_path is not None:
+        config = AutoConfig.from_pretrained(
+            model_args.config_name or model_args.model_name_or_path,
+            num_labels=len(labels),
+            label2id=label2id,
+            id2label=id2label,
+            finetuning_task="image-classification",
+            **hub_kwargs(model_args),
+        )
+        return AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **hub_kwargs(model_args),
+        )
+    if model_args.config_name is not None:
+        config = AutoConfig.from_pretrained(model_args.config_name, **hub_kwargs(model_args))
+    else:
+        config = AutoConfig.for_model(model_args.model_type)
+        if model_args.config_overrides:
+            config.update_from_string(model_args.config_overrides)
+    config.num_labels, config.label2id, config.id2label = len(labels), label2id, id2label
+    logger.info(f"Training a new {config.model_type} model from scratch: {config}")
+    return AutoModelForImageClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
+
+
+def hub_kwargs(model_args: ModelArguments) -> dict:
+    """The `from_pretrained` keyword arguments that say where and how to load from."""
+    return {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+
+
+def image_mode_of(model) -> str:
+    """The PIL mode matching the model's input channels ("L" for 1, "RGB" for 3)."""
+    num_channels = getattr(model.config, "num_channels", 3)
+    if num_channels not in (1, 3):
+        raise ValueError(f"Only 1- and 3-channel models are supported by this example, not {num_channels}.")
+    return "L" if num_channels == 1 else "RGB"
+
+
+def build_image_processor(model_args: ModelArguments, model, train_dataset: datasets.Dataset, image_column: str):
+    """The checkpoint's image processor, or, from scratch, resize + standardize with the training set's statistics."""
+    source = model_args.image_processor_name or model_args.model_name_or_path
+    if source is not None:
+        return AutoImageProcessor.from_pretrained(source, **hub_kwargs(model_args))
+    image_size = getattr(model.config, "image_size", None) or train_dataset[0][image_column].size[0]
+    mean, std = measure_mean_std(train_dataset, image_column, image_mode_of(model))
+    logger.info(f"Image processor from the training set: size {image_size}, mean {mean}, std {std}")
+    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
+
+
+def make_transform(image_processor, image_column: str, label_column: str, image_mode: str, augment: bool):
+    """The `with_transform` function: PIL images to `pixel_values` (augmented for training) and `labels`."""
+
+    def transform(batch):
+        images = [image.convert(image_mode) for image in batch[image_column]]
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
+        if augment:
+            pixel_values = torch.stack([random_flip_and_shift(image) for image in pixel_values])
+        return {"pixel_values": pixel_values, "labels": batch[label_column]}
+
+    return transform
+
+
+def prepare_splits(dataset, eval_split, data_args, image_processor, image_mode, seed, do_train=True, do_eval=True):
+    """The training and evaluation datasets, truncated as asked and with their transforms set."""
+    columns = (data_args.image_column_name, data_args.label_column_name)
+    train_dataset = eval_dataset = None
+    if do_train:
+        train_dataset = dataset["train"]
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.shuffle(seed=seed).select(range(data_args.max_train_samples))
+        train_dataset = train_dataset.with_transform(
+            make_transform(image_processor, *columns, image_mode, data_args.augment)
+        )
+    if do_eval:
+        if eval_split is None:
+            raise ValueError("Evaluation needs a validation or test split, or --train_val_split > 0.")
+        eval_dataset = dataset[eval_split]
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.shuffle(seed=seed).select(range(data_args.max_eval_samples))
+        eval_dataset = eval_dataset.with_transform(make_transform(image_processor, *columns, image_mode, False))
+    return train_dataset, eval_dataset
+
+
+def collate_fn(examples):
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples]),
+    }
+
+
+def top_k_for(num_labels: int) -> tuple[int, ...]:
+    """Top-1 and top-5, or only top-1 when there are 5 classes or fewer (top-5 would be trivially 1)."""
+    return (1, 5) if num_labels > 5 else (1,)
+
+
+def dataset_display_name(data_args: DataTrainingArguments) -> str:
+    if data_args.dataset_name == str(EMBEDDED_DATASET):
+        return "fashion_mnist_small (Fashion-MNIST subset embedded in hf_tract)"
+    return data_args.dataset_name or data_args.train_dir
+
+
+def main():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrActTrainingArguments))
+    parser.set_defaults(**DEFAULT_TRAINING_ARGS)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    logging.getLogger("hf_tract").setLevel(log_level)
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir) and training_args.do_train:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Checkpoint found at {last_checkpoint}, resuming from it.")
+
+    dataset, eval_split, labels = load_image_dataset(data_args, model_args, training_args.seed)
+    model = build_model(model_args, labels)
+    image_processor = build_image_processor(model_args, model, dataset["train"], data_args.image_column_name)
+    train_dataset, eval_dataset = prepare_splits(
+        dataset,
+        eval_split,
+        data_args,
+        image_processor,
+        image_mode_of(model),
+        training_args.seed,
+        do_train=training_args.do_train,
+        do_eval=training_args.do_eval,
+    )
+
+    top_k = top_k_for(len(labels))
+    metric = load_top_k_accuracy()
+
+    def compute_metrics(eval_pred):
+        return metric.compute(predictions=eval_pred.predictions, references=eval_pred.label_ids, top_k=top_k)
+
+    # TrActTrainer patches the first layer (training_args.use_tract / tract_lambda / tract_target) before
+    # anything wraps the model, and adds the TrAct section to the model card; the rest is plain Trainer.
+    trainer = TrActTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics,
+        processing_class=image_processor,
+        data_collator=collate_fn,
+    )
+
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        names = " / ".join(f"top-{k}" for k in top_k)
+        values = " / ".join(f"{metrics[f'eval_top{k}_accuracy']:.4f}" for k in top_k)
+        print(f"\n{names} accuracy on the {eval_split!r} split ({len(eval_dataset)} images): {values}")
+
+    card_kwargs = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "image-classification",
+        "dataset": dataset_display_name(data_args),
+        "tags": ["image-classification", "vision"],
+    }
+    if model_args.model_name_or_path is None:
+        # Trainer's card names `config._name_or_path` as the base model unless it is a local folder; a model
+        # built from config has none, which would give "fine-tuned version of []" instead of "from scratch".
+        model.config._name_or_path = training_args.output_dir
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card_kwargs)
+    else:
+        trainer.create_model_card(**card_kwargs)
+
+
+if __name__ == "__main__":
+    main()
