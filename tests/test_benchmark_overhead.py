@@ -1,0 +1,42 @@
+"""CI smoke test of benchmarks/overhead.py: it runs end to end and writes its JSON and markdown.
+
+The benchmark is not a unit test: no timing is checked here, only that every code path executes.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_overhead():
+    spec = importlib.util.spec_from_file_location("benchmark_overhead", REPO_ROOT / "benchmarks" / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path):
+    overhead = _load_overhead()
+    assert overhead.main(["--mode", "smoke", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "overhead_smoke.json").read_text())
+    meta = data["meta"]
+    for key in ("device", "torch", "transformers", "git_commit", "command"):
+        assert meta[key]
+    assert not data["errors"]
+    assert [s["model"] for s in data["settings"]] == list(overhead.MODELS)
+    for setting in data["settings"]:
+        variants = setting["variants"]
+        assert {"plain", "hf_tract", "hf_tract_f32"} <= set(variants)
+        assert "official" in variants or "official" in setting["failures"]
+        assert variants["plain"]["ratio_median"] == 1.0
+        assert all(v["step_ms_median"] > 0 for v in variants.values())
+        assert "error" not in setting["micro"]
+    markdown = (tmp_path / "overhead_smoke.md").read_text()
+    assert "| vit_b16_224 | fp32 |" in markdown and "Micro-breakdown" in markdown
