@@ -54,11 +54,11 @@ from hf_tract.metrics import load_top_k_accuracy
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = Path(__file__).resolve().parent / "data" / "fashion_mnist_small"
-# The default model: a 4-layer, 192-wide ViT on 7x7 patches of 4x4 pixels, one input channel (replicating
+# The default model: a 4-layer, 128-wide ViT on 7x7 patches of 4x4 pixels, one input channel (replicating
 # grayscale into 3 channels would make the TrAct patch Gram rank-deficient, and costs compute).
 DEFAULT_CONFIG_OVERRIDES = (
-    "image_size=28,patch_size=4,num_channels=1,hidden_size=192,num_hidden_layers=4,"
-    "num_attention_heads=3,intermediate_size=384"
+    "image_size=28,patch_size=4,num_channels=1,hidden_size=128,num_hidden_layers=4,"
+    "num_attention_heads=4,intermediate_size=256"
 )
 # TrainingArguments defaults of the no-argument run; any of them can be overridden on the command line.
 DEFAULT_TRAINING_ARGS = {
@@ -301,6 +301,7 @@ def prepare_splits(dataset, eval_split, data_args, image_processor, image_mode, 
 
 
 def collate_fn(examples):
+    """Stack the transformed examples into a batch (`pixel_values`, `labels`)."""
     return {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([example["labels"] for example in examples]),
@@ -313,6 +314,7 @@ def top_k_for(num_labels: int) -> tuple[int, ...]:
 
 
 def dataset_display_name(data_args: DataTrainingArguments) -> str:
+    """The dataset's name as the model card shows it."""
     if data_args.dataset_name == str(EMBEDDED_DATASET):
         return "fashion_mnist_small (Fashion-MNIST subset embedded in hf_tract)"
     return data_args.dataset_name or data_args.train_dir

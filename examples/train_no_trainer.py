@@ -153,7 +153,8 @@ def main():
     )
 
     top_k = top_k_for(len(labels))
-    metric = load_top_k_accuracy(num_process=accelerator.num_processes, process_id=accelerator.process_index)
+    # Every process adds the gathered predictions of all processes, so the metric needs no cross-process setup.
+    metric = load_top_k_accuracy()
     logger.info(f"{len(train_dataset)} training images, {max_train_steps} steps, evaluation on {eval_split!r}")
 
     progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)

@@ -1,0 +1,242 @@
+"""End-to-end checks of the examples, the shipped top-k metric and the `hf-tract inspect` command.
+
+The example scripts run in a subprocess, offline, on the embedded Fashion-MNIST subset with a tiny ViT and
+a few steps: what CI can afford, and still the whole path a user takes (argument parsing, data, TrAct,
+training, evaluation, saving, model card), checked from the files it leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = (
+    "image_size=28,patch_size=7,num_channels=1,hidden_size=32,num_hidden_layers=1,"
+    "num_attention_heads=2,intermediate_size=64"
+)
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "datasets_cache"),
+        OMP_NUM_THREADS="1",
+        # The checkout under test, whether or not (and however) the package is installed.
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    return env
+
+
+def run_example(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / script), *args],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def assert_plain_checkpoint(output_dir: Path, num_labels: int = 10) -> None:
+    """The checkpoint loads in vanilla transformers, with a plain first layer and no TrAct state in it."""
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    assert type(model.vit.embeddings.patch_embeddings.projection) is torch.nn.Conv2d
+    assert model.config.num_channels == 1 and model.config.num_labels == num_labels
+    assert set(load_file(output_dir / "model.safetensors")) == set(model.state_dict())
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    assert len(processor.image_mean) == 1  # grayscale stays one channel
+
+
+@pytest.mark.slow
+def test_train_image_classification_tiny(tmp_path):
+    output_dir = tmp_path / "out"
+    result = run_example(
+        "train_image_classification.py",
+        [
+            "--output_dir", str(output_dir),
+            "--config_overrides", TINY_VIT,
+            "--max_steps", "5",
+            "--max_train_samples", "80",
+            "--max_eval_samples", "64",
+            "--per_device_train_batch_size", "16",
+            "--per_device_eval_batch_size", "32",
+            "--tract_lambda", "0.05",
+        ],
+        tmp_path,
+    )
+    assert "top-1 / top-5 accuracy on the 'test' split (64 images)" in result.stdout
+
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert 0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"] <= 1
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 5
+    assert_plain_checkpoint(output_dir)
+
+    card = (output_dir / "README.md").read_text()
+    assert "- tract" in card  # Hub tag
+    assert "0.05" in card  # lambda recorded in the TrAct section
+    assert "vit.embeddings.patch_embeddings.projection" in card
+    assert "trained from scratch" in card
+
+
+@pytest.mark.slow
+def test_train_image_classification_without_tract(tmp_path):
+    output_dir = tmp_path / "out"
+    run_example(
+        "train_image_classification.py",
+        [
+            "--output_dir", str(output_dir),
+            "--config_overrides", TINY_VIT,
+            "--max_steps", "2",
+            "--max_train_samples", "32",
+            "--max_eval_samples", "32",
+            "--per_device_train_batch_size", "16",
+            "--use_tract", "False",
+        ],
+        tmp_path,
+    )
+    assert "- tract" not in (output_dir / "README.md").read_text()
+    assert_plain_checkpoint(output_dir)
+
+
+@pytest.mark.slow
+def test_train_no_trainer_tiny(tmp_path):
+    output_dir = tmp_path / "out"
+    result = run_example(
+        "train_no_trainer.py",
+        [
+            "--output_dir", str(output_dir),
+            "--config_overrides", TINY_VIT,
+            "--max_train_steps", "5",
+            "--max_train_samples", "80",
+            "--max_eval_samples", "64",
+            "--per_device_train_batch_size", "16",
+        ],
+        tmp_path,
+    )
+    assert "top-1 / top-5 accuracy on the 'test' split (64 images)" in result.stdout
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert 0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"] <= 1
+    assert_plain_checkpoint(output_dir)
+
+
+def test_no_trainer_script_adds_only_the_tract_lines():
+    """The accelerate example shows users the two TrAct lines: the import and the apply_tract call."""
+    source = (REPO / "examples" / "train_no_trainer.py").read_text()
+    code = source.split('"""', 2)[2]  # after the module docstring, which shows the lines too
+    assert code.count("from hf_tract import apply_tract") == 1
+    assert code.count("apply_tract(model,") == 1
+    # Patching must come before accelerate wraps the model.
+    assert code.index("apply_tract(model,") < code.index("accelerator.prepare(")
+
+
+# --- The top-k metric module --------------------------------------------------------------------------
+
+
+def reference_top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Top-k by sorting (no ties in random float logits)."""
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean([label in row for label, row in zip(labels, top)]))
+
+
+@pytest.mark.parametrize("load_from", ["folder", "file", "helper"])
+def test_top_k_metric_loads_offline_and_matches_reference(load_from, monkeypatch):
+    import evaluate
+
+    from hf_tract.metrics import TOP_K_ACCURACY_PATH, load_top_k_accuracy
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    if load_from == "helper":
+        metric = load_top_k_accuracy()
+    elif load_from == "file":
+        metric = evaluate.load(str(Path(TOP_K_ACCURACY_PATH) / "top_k_accuracy.py"))
+    else:
+        metric = evaluate.load(TOP_K_ACCURACY_PATH)
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, size=300)
+    # Batches added one by one give the same result as one compute (as during a Trainer evaluation).
+    for start in range(0, 300, 128):
+        metric.add_batch(predictions=logits[start : start + 128], references=labels[start : start + 128])
+    result = metric.compute(top_k=(1, 3, 5))
+    for k in (1, 3, 5):
+        assert result[f"top{k}_accuracy"] == pytest.approx(reference_top_k(logits, labels, k))
+
+
+def test_top_k_metric_known_values_and_class_ids():
+    from hf_tract.metrics import load_top_k_accuracy
+
+    metric = load_top_k_accuracy()
+    scores = [[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]
+    assert metric.compute(predictions=scores, references=[2, 2, 2], top_k=(1, 2, 3)) == {
+        "top1_accuracy": pytest.approx(1 / 3),
+        "top2_accuracy": pytest.approx(1.0),
+        "top3_accuracy": pytest.approx(1.0),
+    }
+    # Weighted: the only wrong example (first) carries half the weight.
+    assert metric.compute(
+        predictions=scores, references=[2, 2, 2], top_k=1, sample_weight=[2, 1, 1]
+    ) == {"top1_accuracy": pytest.approx(0.25)}
+    assert metric.compute(predictions=[1, 2, 2, 0], references=[1, 2, 0, 0], top_k=1) == {"top1_accuracy": 0.75}
+    with pytest.raises(ValueError, match="only top_k=1"):
+        metric.compute(predictions=[1, 2], references=[1, 2])
+
+
+# --- hf-tract inspect ----------------------------------------------------------------------------------
+
+
+def test_cli_inspect_model_type_json(capsys):
+    from hf_tract.cli import main
+
+    assert main(["inspect", "vit", "--json", "--batch_size", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (layer,) = report["layers"]
+    assert layer["name"] == "vit.embeddings.patch_embeddings.projection"
+    assert layer["layer_class"] == "Conv2d"
+    assert layer["weight_shape"] == [768, 3, 16, 16]
+    assert layer["n"] == 3 * 16 * 16 and layer["groups"] == 1
+    assert layer["patch_rows_per_image"] == (224 // 16) ** 2
+    assert layer["patch_rows_per_step"] == 8 * 196
+    assert layer["gram_gflops"] == pytest.approx(2 * 8 * 196 * 768**2 / 1e9)
+    assert 0 < layer["gram_gflops"] < report["model_train_gflops"]
+
+
+def test_cli_inspect_local_folder_and_text_output(tmp_path, capsys):
+    from transformers import ViTConfig
+
+    from hf_tract.cli import main
+
+    ViTConfig(image_size=32, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+              num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--lambda", "0.2", "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "vit.embeddings.patch_embeddings.projection" in out
+    assert "n (Gram size) 16" in out
+    assert "N = 256 per step" in out  # 4 images x 8x8 patches
+    assert "apply_tract(model, lambda_=0.2, target='vit.embeddings.patch_embeddings.projection')" in out
+
+
+def test_inspect_grouped_conv_gram_size():
+    from hf_tract.cli import gram_size
+
+    assert gram_size(torch.nn.Conv2d(6, 12, kernel_size=3, groups=3)) == (2 * 9, 3)
+    assert gram_size(torch.nn.Conv1d(4, 8, kernel_size=5)) == (20, 1)
+    assert gram_size(torch.nn.Linear(48, 7)) == (48, 1)
