@@ -156,10 +156,10 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         n_train=6_000, n_val=2_000, n_test=5_000, budgets=[1, 2, 4, 8], seeds=[0, 1, 2],
         lambdas=[0.05, 0.1, 0.2],
-        settings=["vit-adam-std", "resnet-sgd-std", "vit-adam-contrast", "vit-adam-raw255", "vit-adam-unit"],
+        settings=["vit-adam-std", "resnet-sgd-std", "vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit"],
         lr_budget=2, batch_size=128, vit=dict(SMALL_VIT, patch_size=7), resnet=SMALL_RESNET,
         timing_rounds=6, timing_steps=4,
-        setting_lambdas={s: [0.1] for s in ("resnet-sgd-std", "vit-adam-contrast", "vit-adam-raw255", "vit-adam-unit")},
+        setting_lambdas={s: [0.1] for s in ("vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit")},
     ),
     "gpu": Preset(
         n_train=55_000, n_val=5_000, n_test=10_000, budgets=[1, 2, 4, 8, 16], seeds=[0, 1, 2],
