@@ -101,3 +101,30 @@ def test_accelerate_configs_load(name):
     assert config.num_processes == raw["num_processes"]
     if raw["distributed_type"] == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_fsdp2_first_layer_gradient(tmp_path):
+    """FSDP2 `fully_shard` on CPU/gloo (torch directly: accelerate enables FSDP only on accelerators).
+    Patched before sharding, with sync_gram: the sharded gradient, gathered, is single-process TrAct
+    on the concatenated batch."""
+    result_path = tmp_path / "result.json"
+    torchrun("fsdp2_grad.py", str(result_path))
+    result = json.loads(result_path.read_text())
+    assert result["grad_type"] == "DTensor"
+    assert result["rel_err_vs_global"] <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.multiproc
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate enables FSDP only on accelerator devices")
+def test_trainer_fsdp2_on_gpu(tmp_path):
+    """TrActTrainer with accelerate FSDP2 (`fsdp_config.version=2`) on up to 2 GPUs, saved and plain."""
+    from hf_tract.hub import verify_plain_checkpoint
+
+    fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["ViTLayer"]}, "use_cpu": False}
+    torchrun("trainer_e2e.py", str(tmp_path / "fsdp"), "4", json.dumps(fsdp), nproc=min(2, torch.cuda.device_count()))
+    run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    assert run["fsdp_version"] == 2
+    verify_plain_checkpoint(tmp_path / "fsdp", load=False)
