@@ -348,6 +348,7 @@ def bench_setting(model_name, dtype_name, batch, cfg, device, variant_names, log
     times = {v.name: [] for v in usable}
     peaks = {v.name: [] for v in usable}
     ratios = {v.name: [] for v in usable}
+    vs_official = {v.name: [] for v in usable}
     begin = time.perf_counter()
     rounds = 0
     while rounds < cfg["max_rounds"]:
@@ -373,17 +374,23 @@ def bench_setting(model_name, dtype_name, batch, cfg, device, variant_names, log
         for name, value in this_round.items():
             times[name].append(value)
             ratios[name].append(value / this_round["plain"])
+            if "official" in this_round:
+                vs_official[name].append(value / this_round["official"])
         rounds += 1
     result["rounds"] = rounds
     result["timing_seconds"] = time.perf_counter() - begin
     plain_peak = statistics.median(peaks["plain"]) if peaks.get("plain") else None
     for name in times:
+        if not times[name]:
+            continue
         entry = {
             "step_ms_median": 1e3 * statistics.median(times[name]),
             "step_ms_all": [1e3 * t for t in times[name]],
             "ratio_median": statistics.median(ratios[name]),
             "ratio_quartiles": _quantiles(ratios[name]),
         }
+        if vs_official[name]:
+            entry["vs_official_median"] = statistics.median(vs_official[name])
         if peaks.get(name):
             entry["peak_bytes"] = max(peaks[name])
             entry["peak_ratio"] = max(peaks[name]) / plain_peak if plain_peak else None
@@ -472,6 +479,56 @@ def micro_breakdown(model, first, x, device, repeats):
     g64 = tf.precondition_with_gram(grad_weight.double(), gram, rows, LAMBDA, torch.float64)
     g32 = tf.precondition_with_gram(grad_weight, gram, rows, LAMBDA, torch.float32)
     out["solve_f32_rel_err"] = float((g32.double() - g64).norm() / g64.norm())
+    return out
+
+
+def layer_only(model, first, x, device, dtype_name, repeats, variant_names):
+    """Forward + backward of the first layer alone (input without grad, like pixels), per variant,
+    interleaved; median ms. Isolates what each variant adds to a step, with far less noise than
+    whole steps on a shared machine."""
+    import copy
+
+    layer = model.get_submodule(first)
+    modules = {"plain": copy.deepcopy(layer)}
+    for name, dtype in (("hf_tract", None), ("hf_tract_f32", torch.float32)):
+        if name in variant_names:
+            holder = nn.Sequential(copy.deepcopy(layer))
+            apply_tract(holder, LAMBDA, target="0", solve_dtype=dtype)
+            modules[name] = holder
+    if "official" in variant_names:
+        try:
+            import torch_tract
+
+            modules["official"] = torch_tract.TrAct(copy.deepcopy(layer), l=LAMBDA)
+        except Exception:  # noqa: BLE001
+            pass
+    with _autocast(device, dtype_name), torch.no_grad():
+        grad_out = torch.randn_like(modules["plain"](x))
+
+    def runner(module):
+        def run():
+            module.zero_grad(set_to_none=True)
+            with _autocast(device, dtype_name):
+                out = module(x)
+            out.backward(grad_out)
+        return run
+
+    runs, failures = {}, {}
+    for name, module in modules.items():
+        try:
+            runner(module)()
+            runs[name] = runner(module)
+        except Exception as exc:  # noqa: BLE001
+            failures[name] = _short_error(exc)
+    _sync(device)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(time_block(run, 1, device))
+    out = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+    out = {"ms": out, "added_ms": {n: v - out["plain"] for n, v in out.items() if n != "plain"}}
+    if failures:
+        out["failures"] = failures
     return out
 
 
@@ -599,7 +656,7 @@ def render_markdown(data) -> str:
     names = []
     for setting in data["settings"]:
         for n in list(setting["variants"]) + list(setting["failures"]):
-            if n != "plain" and n not in names:
+            if n != "plain" and n not in names and not n.endswith("_grad_check"):
                 names.append(n)
     header = "| model | dtype | batch | plain ms/step | " + " | ".join(names) + " | rounds |"
     lines += [header, "|" + "---|" * (5 + len(names))]
@@ -619,9 +676,16 @@ def render_markdown(data) -> str:
                 cells.append("fails: " + s["failures"][n][:90].replace("|", "/"))
             else:
                 cells.append("—")
+        if not s["variants"]:
+            continue
         plain = s["variants"].get("plain", {}).get("step_ms_median", float("nan"))
         lines.append(f"| {s['model']} | {s['dtype']} | {s['batch']} | {plain:.2f} | " + " | ".join(cells) + f" | {s['rounds']} |")
     lines += ["", "Overhead cells: median [quartiles] of the per-round ratio."]
+    vs = [(s, n, e["vs_official_median"]) for s in data["settings"] for n, e in s["variants"].items()
+          if n.startswith("hf_tract") and "vs_official_median" in e]
+    if vs:
+        lines += ["", "hf_tract step time / official step time (median of per-round ratios): " + ", ".join(
+            f"{s['model']} {s['dtype']} {n} {r:.3f}" for s, n, r in vs)]
     micro = [s for s in data["settings"] if s.get("micro")]
     if micro:
         lines += [
@@ -646,6 +710,23 @@ def render_markdown(data) -> str:
                 f"{f('gram_tf32_ms')} | {f('gram_fp32_rel_err', '{:.1e}')} | {f('gram_tf32_rel_err', '{:.1e}')} | "
                 f"{f('solve_f32_rel_err', '{:.1e}')} |"
             )
+    layered = [s for s in data["settings"] if s.get("layer_only") and "ms" in s["layer_only"]]
+    if layered:
+        lnames = []
+        for s in layered:
+            lnames += [n for n in s["layer_only"]["ms"] if n not in lnames]
+        lines += [
+            "",
+            "## First layer alone: forward + backward, median ms (interleaved)",
+            "",
+            "| model | dtype | " + " | ".join(lnames) + " |",
+            "|---|---|" + "---|" * len(lnames),
+        ]
+        for s in layered:
+            ms = s["layer_only"]["ms"]
+            fails = s["layer_only"].get("failures", {})
+            cells = [f"{ms[n]:.3f}" if n in ms else ("fails" if n in fails else "—") for n in lnames]
+            lines.append(f"| {s['model']} | {s['dtype']} | " + " | ".join(cells) + " |")
     profiled = [s for s in data["settings"] if s.get("profile")]
     if profiled:
         lines += ["", "## Profile: ops added by hf_tract (self time per step, hf_tract minus plain)", ""]
@@ -695,6 +776,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="shrink every model and batch (logic test)")
     parser.add_argument("--no-micro", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--micro-only", action="store_true",
+                        help="skip the whole-step timing: micro-breakdown and layer-only timing only")
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--tag", default=None, help="file suffix (default: the mode; 'gpu' runs use 'gpu')")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. machine shared)")
@@ -721,6 +804,8 @@ def main(argv=None):
         cfg["seconds"] = args.seconds
     if args.min_rounds is not None:
         cfg["min_rounds"] = args.min_rounds
+    if args.micro_only:
+        cfg.update(min_rounds=0, max_rounds=0, warmup=0, profile=False)
     if args.no_micro:
         cfg["micro"] = False
     if args.no_profile:
@@ -765,6 +850,14 @@ def main(argv=None):
             write_outputs(data, out_dir, tag)
             continue
         behind = time.perf_counter() > deadline - 5 * remaining
+        if cfg["micro"] and not behind:
+            try:
+                result["layer_only"] = layer_only(model, first, x, device, dtype_name,
+                                                  5 if cfg["tiny"] else 15, variant_names)
+                log(f"    layer only (fwd+bwd ms): {result['layer_only']['ms']}")
+            except Exception as exc:  # noqa: BLE001
+                result["layer_only"] = {"error": _short_error(exc)}
+                log(f"    layer-only ERROR {traceback.format_exc()}")
         if cfg["micro"] and dtype_name == cfg["dtypes"][0] and not behind:
             try:
                 result["micro"] = micro_breakdown(model, first, x, device, repeats=5 if cfg["tiny"] else 15)
