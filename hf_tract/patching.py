@@ -19,6 +19,9 @@ TRACT_TAG = "tract"
 _TRACT_ATTRIBUTES = ("tract_lambda", "tract_sync_gram", "tract_solve_dtype")
 
 
+_WRAPPER_NAMES = ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside ``DistributedDataParallel`` / ``DataParallel``; refuses wrappers that
     TrAct cannot be applied through.
@@ -29,12 +32,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     fix = "Call apply_tract(model) on the plain model first, then torch.compile / accelerator.prepare / wrap it."
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise RuntimeError(f"The model is already compiled with torch.compile. {fix}")
-    if type(model).__name__ in ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine"):
+    if type(model).__name__ in _WRAPPER_NAMES:
         raise RuntimeError(f"The model is already wrapped by {type(model).__name__}. {fix}")
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise RuntimeError(f"The model's parameters are sharded DTensors (FSDP2 / tensor parallel). {fix}")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return unwrap_model(model.module)
+    return model
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The module inside any wrapper, without refusing any: for read-only queries and undo."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return _inner_model(model._orig_mod)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or type(model).__name__ in _WRAPPER_NAMES:
+        return _inner_model(model.module)
     return model
 
 
@@ -141,7 +153,7 @@ def apply_tract(
 
 def tract_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of ``model`` patched with TrAct, by dotted name."""
-    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, TrActLayerMixin)}
+    return {name: m for name, m in _inner_model(model).named_modules() if isinstance(m, TrActLayerMixin)}
 
 
 def is_tract_applied(model: nn.Module) -> bool:
@@ -151,7 +163,7 @@ def is_tract_applied(model: nn.Module) -> bool:
 
 def remove_tract(model: nn.Module) -> nn.Module:
     """Exact undo of :func:`apply_tract`: original classes back, TrAct attributes and tag removed."""
-    inner = unwrap_model(model)
+    inner = _inner_model(model)
     for module in tract_layers(inner).values():
         module.__class__ = type(module)._tract_base_class
         for attribute in _TRACT_ATTRIBUTES:

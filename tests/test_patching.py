@@ -227,3 +227,11 @@ def test_save_pretrained_loads_in_vanilla_transformers_without_hf_tract(tmp_path
     with torch.no_grad():
         expected = model(pixel_values=pixels).logits
     assert torch.equal(torch.load(tmp_path / "vanilla_logits.pt", weights_only=True), expected)
+
+
+def test_read_only_queries_and_undo_see_through_wrappers():
+    model = apply_tract(tiny_vit())
+    compiled = torch.compile(model)
+    assert list(tract_layers(compiled)) == [VIT_PATH] and is_tract_applied(compiled)
+    remove_tract(compiled)
+    assert not is_tract_applied(model)
