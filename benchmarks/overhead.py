@@ -659,7 +659,8 @@ def render_markdown(data) -> str:
             if n != "plain" and n not in names and not n.endswith("_grad_check"):
                 names.append(n)
     header = "| model | dtype | batch | plain ms/step | " + " | ".join(names) + " | rounds |"
-    lines += [header, "|" + "---|" * (5 + len(names))]
+    if any(s["variants"] for s in data["settings"]):
+        lines += [header, "|" + "---|" * (5 + len(names))]
     for s in data["settings"]:
         cells = []
         for n in names:
@@ -680,7 +681,10 @@ def render_markdown(data) -> str:
             continue
         plain = s["variants"].get("plain", {}).get("step_ms_median", float("nan"))
         lines.append(f"| {s['model']} | {s['dtype']} | {s['batch']} | {plain:.2f} | " + " | ".join(cells) + f" | {s['rounds']} |")
-    lines += ["", "Overhead cells: median [quartiles] of the per-round ratio."]
+    if any(s["variants"] for s in data["settings"]):
+        lines += ["", "Overhead cells: median [quartiles] of the per-round ratio."]
+    else:
+        lines += ["(--micro-only: no whole-step timing in this file.)"]
     vs = [(s, n, e["vs_official_median"]) for s in data["settings"] for n, e in s["variants"].items()
           if n.startswith("hf_tract") and "vs_official_median" in e]
     if vs:
