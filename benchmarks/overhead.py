@@ -561,23 +561,39 @@ def profile_delta(model, first, optimizer, x, y, device, dtype_name, steps, top=
                 _sync(device)
         finally:
             deactivate()
-        per_op = {}
+        per_op, per_kernel = {}, {}
         for event in prof.key_averages():
-            value = _device_time(event) if use_device else event.self_cpu_time_total
+            is_kernel = str(getattr(event, "device_type", "")).endswith("CUDA")
+            if use_device:
+                value = _device_time(event)
+                table = per_kernel if is_kernel else per_op
+            else:
+                value, table = event.self_cpu_time_total, per_op
             if value:
-                per_op[event.key] = per_op.get(event.key, 0.0) + value / steps / 1e3  # ms per step
-        tables[name] = per_op
-    keys = set(tables["plain"]) | set(tables["hf_tract"])
-    deltas = {k: tables["hf_tract"].get(k, 0.0) - tables["plain"].get(k, 0.0) for k in keys}
-    ranked = sorted(deltas.items(), key=lambda kv: -kv[1])
-    return {
-        "clock": "device self time" if use_device else "CPU self time",
+                table[event.key] = table.get(event.key, 0.0) + value / steps / 1e3  # ms per step
+        tables[name] = (per_op, per_kernel)
+
+    def ranked(index):
+        plain, tract = tables["plain"][index], tables["hf_tract"][index]
+        deltas = {k: tract.get(k, 0.0) - plain.get(k, 0.0) for k in set(plain) | set(tract)}
+        return sorted(deltas.items(), key=lambda kv: -kv[1]), sum(plain.values()), sum(tract.values())
+
+    ops, plain_total, tract_total = ranked(0)
+    result = {
+        "clock": "device self time (ops)" if use_device else "CPU self time",
         "steps": steps,
-        "plain_total_ms": sum(tables["plain"].values()),
-        "hf_tract_total_ms": sum(tables["hf_tract"].values()),
-        "top_added_ops_ms": [[k, v] for k, v in ranked[:top] if v > 0],
-        "top_removed_ops_ms": [[k, v] for k, v in ranked[::-1][:4] if v < 0],
+        "plain_total_ms": plain_total,
+        "hf_tract_total_ms": tract_total,
+        "top_added_ops_ms": [[k, v] for k, v in ops[:top] if v > 0],
+        "top_removed_ops_ms": [[k, v] for k, v in ops[::-1][:4] if v < 0],
     }
+    if use_device:
+        kernels, plain_k, tract_k = ranked(1)
+        result.update(
+            plain_kernel_total_ms=plain_k, hf_tract_kernel_total_ms=tract_k,
+            top_added_kernels_ms=[[k, v] for k, v in kernels[:top] if v > 0],
+        )
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,6 +760,12 @@ def render_markdown(data) -> str:
                 f"- **{s['model']} {s['dtype']}** ({p['clock']}; plain {p['plain_total_ms']:.2f} ms, hf_tract "
                 f"{p['hf_tract_total_ms']:.2f} ms): {top}"
             )
+            if "top_added_kernels_ms" in p:
+                kernels = ", ".join(f"`{k[:60]}` {v:.3f}" for k, v in p["top_added_kernels_ms"][:8])
+                lines.append(
+                    f"  - kernels (GPU busy time per step: plain {p['plain_kernel_total_ms']:.2f} ms, hf_tract "
+                    f"{p['hf_tract_kernel_total_ms']:.2f} ms): {kernels}"
+                )
     checks = [s for s in data["settings"] if "proto_stream_grad_check" in s]
     if checks:
         lines += ["", "proto_stream vs hf_tract first-layer gradient, max |diff|: " + ", ".join(
