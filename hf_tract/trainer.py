@@ -422,15 +422,17 @@ class TrActTrainer(Trainer):
         checkpoints, and only on the process that saves).
         """
         super().save_model(output_dir, _internal_call=_internal_call)
-        if _internal_call or not self.args.should_save:
+        if not _internal_call and self.args.should_save:
+            self._update_tract_card(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _update_tract_card(self, output_dir: str) -> None:
+        # A `use_tract=False` baseline run gets the plain Trainer card, without a TrAct section.
+        model = self._tract_unwrapped_model()
+        if not is_tract_applied(model):
             return
         from .hub import create_or_update_model_card
 
-        create_or_update_model_card(
-            output_dir if output_dir is not None else self.args.output_dir,
-            model=self._tract_unwrapped_model(),
-            args=self.args,
-        )
+        create_or_update_model_card(output_dir, model=model, args=self.args)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """
@@ -440,11 +442,8 @@ class TrActTrainer(Trainer):
         then inserted between its markers, so calling this repeatedly yields one section.
         """
         super().create_model_card(*args, **kwargs)
-        if not self.is_world_process_zero():
-            return
-        from .hub import create_or_update_model_card
-
-        create_or_update_model_card(self.args.output_dir, model=self._tract_unwrapped_model(), args=self.args)
+        if self.is_world_process_zero():
+            self._update_tract_card(self.args.output_dir)
 
 
 class TrActCallback(TrainerCallback):

@@ -100,11 +100,6 @@ def test_train_image_classification_tiny(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: TrActTrainer.save_model with use_tract=False calls hub.create_or_update_model_card, "
-    "which raises 'No TrAct settings to write'; remove this mark when trainer.py skips the card section",
-)
 def test_train_image_classification_without_tract(tmp_path):
     output_dir = tmp_path / "out"
     run_example(
