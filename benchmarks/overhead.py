@@ -464,6 +464,13 @@ def micro_breakdown(model, first, x, device, repeats):
     gram = tf.patch_gram(x, geometry)
     for name, dtype in (("solve_f64_ms", torch.float64), ("solve_f32_ms", torch.float32)):
         out[name] = _median_time(lambda: tf.precondition_with_gram(grad_weight, gram, rows, LAMBDA, dtype), device, repeats)
+    # Split of the solve: factorisation (batch only) vs triangular solves (needs the gradient).
+    for suffix, dtype in (("f64", torch.float64), ("f32", torch.float32)):
+        regularized = gram.to(dtype) / rows + LAMBDA * torch.eye(n, dtype=dtype, device=gram.device)
+        out[f"factor_{suffix}_ms"] = _median_time(lambda: torch.linalg.cholesky_ex(regularized), device, repeats)
+        factor = torch.linalg.cholesky_ex(regularized)[0]
+        rhs = grad_weight.reshape(gram.shape[0], grad_weight.shape[0] // gram.shape[0], -1).to(dtype).transpose(1, 2)
+        out[f"triangular_solve_{suffix}_ms"] = _median_time(lambda: torch.cholesky_solve(rhs, factor), device, repeats)
     reference = tf.patch_gram(x.double(), geometry)
     out["gram_fp32_rel_err"] = float((gram.double() - reference).norm() / reference.norm())
     if device.type == "cuda":
@@ -712,8 +719,8 @@ def render_markdown(data) -> str:
             "",
             "## Micro-breakdown (first layer alone, median ms)",
             "",
-            "| model | dtype | N rows | n | path | Gram / patches | solve f64 | solve f32 | Gram TF32 | Gram fp32 rel err | Gram TF32 rel err | f32-solve rel err |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | dtype | N rows | n | path | Gram / patches | solve f64 | (factor / triangular) | solve f32 | (factor / triangular) | Gram TF32 | Gram fp32 rel err | Gram TF32 rel err | f32-solve rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in micro:
             m = s["micro"]
@@ -726,7 +733,9 @@ def render_markdown(data) -> str:
 
             lines.append(
                 f"| {s['model']} | {s['dtype']} | {m['num_rows']} | {m['n']} | {m['path']} | "
-                f"{f('gram_ms') if 'gram_ms' in m else f('patch_matrix_ms')} | {f('solve_f64_ms')} | {f('solve_f32_ms')} | "
+                f"{f('gram_ms') if 'gram_ms' in m else f('patch_matrix_ms')} | {f('solve_f64_ms')} | "
+                f"{f('factor_f64_ms')} / {f('triangular_solve_f64_ms')} | {f('solve_f32_ms')} | "
+                f"{f('factor_f32_ms')} / {f('triangular_solve_f32_ms')} | "
                 f"{f('gram_tf32_ms')} | {f('gram_fp32_rel_err', '{:.1e}')} | {f('gram_tf32_rel_err', '{:.1e}')} | "
                 f"{f('solve_f32_rel_err', '{:.1e}')} |"
             )
