@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/overhead_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-BUDGET_S=${BUDGET_S:-290}   # benchmark wall budget (settings shrink to fit); hard stop at BUDGET_S + 60
+BUDGET_S=${BUDGET_S:-270}   # benchmark wall budget (settings shrink to fit); hard stop at BUDGET_S + 60
 
 if ! "$PY" -c "import torch_tract" 2>/dev/null; then
   if ls .whl/torch_tract-*.whl >/dev/null 2>&1; then
