@@ -110,8 +110,9 @@ def apply_tract(
         sync_gram: all-reduce the Gram across processes (``True`` for the default group, or a
             process group), making R processes exactly single-process TrAct on the global batch.
             Default: each process uses its own batch's Gram, like BatchNorm.
-        solve_dtype: dtype of the Cholesky solve (default ``torch.float64``; ``torch.float32`` is
-            faster on GPUs with weak float64 and fine for standardised inputs).
+        solve_dtype: dtype of the Cholesky solve. Default: float64 on GPUs; on CPU float32 when
+            an a-priori condition bound guarantees ~1e-3 accuracy (standardised inputs), float64
+            otherwise (e.g. pixels in [0, 255]). ``torch.float32`` forces the faster solve.
         example_inputs: input for the discovery probe (see :func:`hf_tract.find_first_layers`).
 
     Returns:

@@ -130,3 +130,15 @@ def test_threads_train_independent_models():
     for thread in threads:
         thread.join()
     assert len(results) == 4 and max(results.values()) <= 1e-5
+
+
+def test_default_solve_precision_follows_the_condition_bound():
+    from hf_tract.functional import PatchGeometry, default_solve_dtype, patch_gram
+
+    geometry = PatchGeometry.conv((4, 4), 4)
+    standardized = torch.randn(8, 3, 16, 16)
+    raw_pixels = torch.randint(0, 256, (8, 3, 16, 16)).float()
+    rows = 8 * 16
+    assert default_solve_dtype(patch_gram(standardized, geometry), rows, 0.1) == torch.float32
+    assert default_solve_dtype(patch_gram(raw_pixels, geometry), rows, 0.1) == torch.float64
+    assert default_solve_dtype(patch_gram(standardized.double(), geometry), rows, 0.1) == torch.float64
