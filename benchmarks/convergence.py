@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -154,7 +155,7 @@ PRESETS: dict[str, Preset] = {
         vit=SMALL_VIT, resnet=SMALL_RESNET, timing_rounds=2, timing_steps=2,
     ),
     "cpu": Preset(
-        n_train=6_000, n_val=2_000, n_test=5_000, budgets=[1, 2, 4, 8], seeds=[0, 1, 2],
+        n_train=6_000, n_val=2_000, n_test=5_000, budgets=[1, 2, 4, 8, 16], seeds=[0, 1, 2],
         lambdas=[0.05, 0.1, 0.2],
         settings=["vit-adam-std", "resnet-sgd-std", "vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit"],
         lr_budget=2, batch_size=128, vit=dict(SMALL_VIT, patch_size=7), resnet=SMALL_RESNET,
@@ -434,12 +435,15 @@ def run_key(setting: str, variant: str, epochs: int, seed: int, lr: float) -> st
 
 
 def git_commit() -> str:
-    """Commit of the repository (with `+dirty` when tracked files differ), or `"unknown"`."""
+    """Commit of the repository (with `+dirty` when tracked files differ), else `$HF_TRACT_COMMIT`, else `"unknown"`.
+
+    `HF_TRACT_COMMIT` is for copies of the working tree without `.git` (e.g. on a device machine).
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("HF_TRACT_COMMIT", "unknown")
     return commit + ("+dirty" if dirty else "")
 
 
@@ -452,7 +456,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "git_commit": git_commit(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -493,6 +497,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         previous = json.loads(out.read_text())
         for key in ("lr_choice", "step_times", "runs"):
             result[key] = previous[key]
+        result["elapsed_seconds"] = previous.get("elapsed_seconds", 0.0)
+        result["previous_environments"] = [*previous.get("previous_environments", []), previous["environment"]]
     done = {r["key"]: r for r in result["runs"]}
     start = time.perf_counter()
 
@@ -573,14 +579,31 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def crossing_epochs(budgets: list[int], means: list[float], target: float) -> float | None:
+    """First number of epochs at which a mean-accuracy curve reaches `target`, interpolated.
+
+    The curve is taken as piecewise linear in log2(epochs) between the measured budgets; `None` if it never
+    reaches `target`, the smallest budget if it is reached there already (nothing measured below it).
+    """
+    for i, (epochs, mean) in enumerate(zip(budgets, means)):
+        if mean >= target:
+            if i == 0:
+                return float(epochs)
+            lo, hi = math.log2(budgets[i - 1]), math.log2(epochs)
+            frac = (target - means[i - 1]) / (mean - means[i - 1])
+            return 2 ** (lo + frac * (hi - lo))
+    return None
+
+
 def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per setting and lambda: the smallest budget at which TrAct reaches the plain model's best accuracy.
 
     The plain model's best is its highest mean test accuracy over the budgets (at the smallest budget that
     attains it). TrAct "matches" at the smallest budget whose mean test accuracy is at least that. The epoch
     ratio is plain budget / TrAct budget; the wall-clock ratio divides it by the interleaved per-step time
-    ratio (TrAct / plain). `measured_run_ratio` is the same ratio from the runs' own training times (noisier).
-    Only budgets that every variant completed with all seeds count.
+    ratio (TrAct / plain). `interp_*` use [`crossing_epochs`] (TrAct's curve interpolated in log2(epochs))
+    instead of the measured budgets. `measured_run_ratio` is the wall-clock ratio from the runs' own
+    training times (noisier). Only budgets that every variant completed with all seeds count.
     """
     summary = summarize(result)
     n_seeds = len(result["preset"]["seeds"])
@@ -602,6 +625,7 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
             lam = variant.removeprefix("tract_")
             tract = variants[variant]
             match = next((b for b in budgets if tract[b]["mean"] >= best_acc), None)
+            interp = crossing_epochs(budgets, [tract[b]["mean"] for b in budgets], best_acc)
             step_ratio = result["step_times"].get(setting, {}).get("ratio", {}).get(lam)
             row = {
                 "setting": setting,
@@ -610,18 +634,23 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "plain_best_acc": best_acc,
                 "plain_best_std": plain[plain_budget]["std"],
                 "plain_best_epochs": plain_budget,
+                "tract_acc_at_plain_best_epochs": tract[plain_budget]["mean"],
+                "tract_std_at_plain_best_epochs": tract[plain_budget]["std"],
                 "tract_best_acc": max(tract[b]["mean"] for b in budgets),
                 "tract_match_epochs": match,
+                "tract_match_epochs_interp": interp,
                 "step_time_ratio": step_ratio,
-                "epoch_ratio": None,
+                "epoch_ratio": None if match is None else plain_budget / match,
+                "epoch_ratio_interp": None if interp is None else plain_budget / interp,
                 "wallclock_ratio": None,
+                "wallclock_ratio_interp": None,
                 "measured_run_ratio": None,
             }
+            if step_ratio is not None:
+                for key in ("", "_interp"):
+                    if row["epoch_ratio" + key] is not None:
+                        row["wallclock_ratio" + key] = row["epoch_ratio" + key] / step_ratio
             if match is not None:
-                row["epoch_ratio"] = plain_budget / match
-                row["tract_match_acc"] = tract[match]["mean"]
-                if step_ratio is not None:
-                    row["wallclock_ratio"] = row["epoch_ratio"] / step_ratio
                 row["measured_run_ratio"] = plain[plain_budget]["seconds"] / tract[match]["seconds"]
             rows.append(row)
     return rows
@@ -654,26 +683,34 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         "- Learning rate: best for the *plain* model on the validation split "
         f"(grid {result['lr_grids']}, {preset['lr_budget']} epochs, seed {preset['seeds'][0]}), reused for TrAct",
     ]
+    for earlier in result.get("previous_environments", []):
+        lines.append(f"- Earlier part of these results (continued with `--resume`): `{earlier['command']}` at commit "
+                     f"`{earlier['git_commit']}` on {earlier['device']}, started {earlier['started']}")
     if result.get("note"):
         lines.append(f"- Note: {result['note']}")
     lines += [
         "",
         "## Headline: smallest budget at which TrAct reaches the plain model's best accuracy",
         "",
-        "Epoch ratio = plain epochs / TrAct epochs. Wall-clock ratio = epoch ratio / per-step time ratio "
-        "(TrAct / plain, measured interleaved in one process). *Run-time ratio* = the same from the runs' own "
-        "training times. Budgets are powers of two, so ratios are coarse (1, 2, 4, ...).",
+        "Epoch ratio = plain epochs / TrAct epochs at the measured budgets; *interp.* = the same with TrAct's mean "
+        "curve interpolated linearly in log2(epochs) between budgets (a reading between measured points, not a "
+        "measurement). Wall-clock ratio = epoch ratio / per-step time ratio (TrAct / plain, measured interleaved "
+        "in one process). *Run-time ratio* = plain / TrAct from the runs' own training times (noisier). Ratios > 1 "
+        "mean TrAct needs less; \"not reached\" = TrAct's mean never reaches the plain model's best.",
         "",
-        "| setting | lr | λ | plain best acc % (epochs) | TrAct best acc % | TrAct matches at | epoch ratio | step-time ratio | wall-clock ratio | run-time ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | lr | λ | plain best acc % (epochs) | TrAct acc % at those epochs | TrAct matches at | epoch ratio | "
+        "epoch ratio interp. | step-time ratio | wall-clock ratio | wall-clock ratio interp. | run-time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in headline(result):
         match = "not reached" if row["tract_match_epochs"] is None else f"{row['tract_match_epochs']} ep"
         lines.append(
             f"| {row['setting']} | {result['lr_choice'][row['setting']]['lr']:g} | {row['lambda']:g} | "
             f"{_pct(row['plain_best_acc'], row['plain_best_std'])} ({row['plain_best_epochs']} ep) | "
-            f"{100 * row['tract_best_acc']:.2f} | {match} | {_fmt(row['epoch_ratio'], '.2f', '×')} | "
-            f"{_fmt(row['step_time_ratio'], '.3f')} | {_fmt(row['wallclock_ratio'], '.2f', '×')} | {_fmt(row['measured_run_ratio'], '.2f', '×')} |"
+            f"{_pct(row['tract_acc_at_plain_best_epochs'], row['tract_std_at_plain_best_epochs'])} | {match} | "
+            f"{_fmt(row['epoch_ratio'], '.2f', '×')} | {_fmt(row['epoch_ratio_interp'], '.2f', '×')} | "
+            f"{_fmt(row['step_time_ratio'], '.3f')} | {_fmt(row['wallclock_ratio'], '.2f', '×')} | "
+            f"{_fmt(row['wallclock_ratio_interp'], '.2f', '×')} | {_fmt(row['measured_run_ratio'], '.2f', '×')} |"
         )
     summary = summarize(result)
     lines += ["", "## Test accuracy (%) per budget, mean ± std over seeds", ""]
