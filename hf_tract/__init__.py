@@ -17,6 +17,7 @@ _LAZY = {
     "TrActTrainer": "trainer",
     "TrActTrainingArguments": "trainer",
     "TrActCallback": "trainer",
+    "tract_model_init": "trainer",
     "create_or_update_model_card": "hub",
 }
 
