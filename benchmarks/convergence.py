@@ -745,6 +745,7 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
         `list[str]`: the two PNG paths written.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -768,6 +769,9 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
                 line, = ax.plot(x, mean, marker="o", markersize=3, **style)
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
             ax.set_xscale("log", base=2)
+            if axis == "epochs":
+                ax.set_xticks(sorted({b for v in variants.values() for b in v}))
+                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_title(f"{setting} (lr {result['lr_choice'][setting]['lr']:g})", fontsize=10)
             ax.set_xlabel("epochs (each a full cosine run)" if axis == "epochs" else "training wall-clock [s]")
             ax.set_ylabel("test accuracy [%]")
@@ -776,7 +780,7 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
         env = result["environment"]
-        fig.suptitle(f"Fashion-MNIST, TrAct (solid) vs plain (dashed), mean ± std over {len(result['preset']['seeds'])} seeds; "
+        fig.suptitle(f"Fashion-MNIST: TrAct (solid) vs plain (dashed)\nmean ± std over {len(result['preset']['seeds'])} seeds; "
                      f"{env['device']}", fontsize=10)
         fig.tight_layout()
         path = prefix.parent / f"{prefix.name}_{axis}.png"
