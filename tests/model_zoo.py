@@ -235,19 +235,29 @@ class CallWrapper(nn.Module):
         return getattr(self.inner, self.call)(**inputs)
 
 
-def truncated_run(paths: list[str], run: Callable):
-    """A run whose output is the outputs of the layers at ``paths``: for records whose tiny model
-    fails after its first layer ran (a head or neck that does not fit the tiny config)."""
+class _StopForward(Exception):
+    pass
+
+
+def truncated_run(consumers: dict[str, int], run: Callable, stop_early: bool):
+    """A run whose output is the outputs of the first layers (``{path: calls recorded}``): for
+    records whose tiny model fails after its first layer ran (a head or neck that does not fit the
+    tiny config), or, with ``stop_early``, for models too costly to run whole on 2 CPU cores."""
 
     def run_until_first_layers(model, inputs):
-        outputs: dict[str, list] = {path: [] for path in paths}
+        outputs: dict[str, list] = {path: [] for path in consumers}
+
+        def keep(module, args, out, path):
+            outputs[path].append(out)
+            if stop_early and all(len(outputs[p]) >= n for p, n in consumers.items()):
+                raise _StopForward
+
         handles = [
-            model.get_submodule(path).register_forward_hook(lambda m, a, out, path=path: outputs[path].append(out))
-            for path in paths
+            model.get_submodule(path).register_forward_hook(functools.partial(keep, path=path)) for path in consumers
         ]
         try:
             run(model, inputs)
-        except Exception:  # noqa: BLE001 - the recorded failure after the first layer(s)
+        except Exception:  # noqa: BLE001 - the recorded failure after the first layer(s), or the stop
             if not all(outputs.values()):
                 raise
         finally:
@@ -256,6 +266,15 @@ def truncated_run(paths: list[str], run: Callable):
         return outputs
 
     return run_until_first_layers
+
+
+MAX_FULL_PARAMS = 5_000_000
+MAX_FULL_PIXELS = 3 * 256 * 256
+
+
+def _heavy(model: nn.Module, inputs: dict) -> bool:
+    pixels = max((t[0].numel() for t in inputs.values() if isinstance(t, torch.Tensor) and t.dim() > 1), default=0)
+    return sum(p.numel() for p in model.parameters()) > MAX_FULL_PARAMS or pixels > MAX_FULL_PIXELS
 
 
 def build_case(record: dict, dtype: torch.dtype = torch.float64) -> Case:
@@ -269,20 +288,22 @@ def build_case(record: dict, dtype: torch.dtype = torch.float64) -> Case:
         raise
     except Exception as exc:  # noqa: BLE001 - reported as the skip reason
         raise CaseSkip(f"tiny model cannot be built here: {type(exc).__name__}: {exc}"[:300]) from None
-    expected = list(record["direct_pixel_consumers"])
+    consumers = dict(record["direct_pixel_consumers"])
     full = _run_call(record.get("call"))
     last_error = None
     for candidate in (dtype, torch.float32) if dtype != torch.float32 else (dtype,):
         inputs = build_inputs(record, candidate)
         model = model.to(candidate)
-        for run in (full, truncated_run(expected, full)):
+        runs = [truncated_run(consumers, full, stop_early=True)] if _heavy(model, inputs) else [
+            full, truncated_run(consumers, full, stop_early=False)]
+        for run in runs:
             try:
                 with torch.no_grad():
                     run(model, inputs)
             except Exception as exc:  # noqa: BLE001
                 last_error = exc
                 continue
-            return Case(record, model, inputs, expected, run, candidate, truncated=run is not full)
+            return Case(record, model, inputs, list(consumers), run, candidate, truncated=run is not full)
     raise CaseSkip(f"tiny model does not run on the recorded inputs: {type(last_error).__name__}: {last_error}"[:300])
 
 
@@ -368,24 +389,31 @@ class _RecordWeightUse(TorchFunctionMode):
             bound = dict(zip(names, args))
             bound.update(kwargs)
             weight = bound["weight"]
-            if func is F.linear:
-                geometry = nn.Linear(weight.shape[1], weight.shape[0])
-            else:
-                geometry = _CONV_OPS[func](
-                    weight.shape[1] * bound.get("groups", 1),
-                    weight.shape[0],
-                    tuple(weight.shape[2:]),
-                    stride=bound.get("stride", 1),
-                    padding=bound.get("padding", 0),
-                    dilation=bound.get("dilation", 1),
-                    groups=bound.get("groups", 1),
-                )
+            with torch.random.fork_rng(devices=[]):  # building the probe layers must not move the RNG
+                patches = self._patches(func, bound)
             routed = weight.view_as(weight)
             routed.retain_grad()
-            self.calls.append(_Call(weight, routed, patch_matrix_reference(geometry, bound["input"])))
+            self.calls.append(_Call(weight, routed, patches))
             bound["weight"] = routed
             return func(**bound)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _patches(func, bound):
+        weight = bound["weight"]
+        if func is F.linear:
+            geometry = nn.Linear(weight.shape[1], weight.shape[0])
+        else:
+            geometry = _CONV_OPS[func](
+                weight.shape[1] * bound.get("groups", 1),
+                weight.shape[0],
+                tuple(weight.shape[2:]),
+                stride=bound.get("stride", 1),
+                padding=bound.get("padding", 0),
+                dilation=bound.get("dilation", 1),
+                groups=bound.get("groups", 1),
+            )
+        return patch_matrix_reference(geometry, bound["input"])
 
 
 @contextlib.contextmanager
