@@ -155,7 +155,7 @@ PRESETS: dict[str, Preset] = {
         vit=SMALL_VIT, resnet=SMALL_RESNET, timing_rounds=2, timing_steps=2,
     ),
     "cpu": Preset(
-        n_train=6_000, n_val=2_000, n_test=5_000, budgets=[1, 2, 4, 8, 16], seeds=[0, 1, 2],
+        n_train=6_000, n_val=2_000, n_test=5_000, budgets=[1, 2, 4, 8, 16], seeds=[0, 1, 2, 3, 4],
         lambdas=[0.05, 0.1, 0.2],
         settings=["vit-adam-std", "resnet-sgd-std", "vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit"],
         lr_budget=2, batch_size=128, vit=dict(SMALL_VIT, patch_size=7), resnet=SMALL_RESNET,
@@ -603,7 +603,9 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
     ratio is plain budget / TrAct budget; the wall-clock ratio divides it by the interleaved per-step time
     ratio (TrAct / plain). `interp_*` use [`crossing_epochs`] (TrAct's curve interpolated in log2(epochs))
     instead of the measured budgets. `measured_run_ratio` is the wall-clock ratio from the runs' own
-    training times (noisier). Only budgets that every variant completed with all seeds count.
+    training times (noisier). `epoch_ratio_interp_by_budget` gives, for every budget b, b divided by the
+    interpolated epochs TrAct needs to reach the plain model's mean accuracy at b (`None`: never reached;
+    capped at b / smallest budget). Only budgets that every variant completed with all seeds count.
     """
     summary = summarize(result)
     n_seeds = len(result["preset"]["seeds"])
@@ -645,7 +647,12 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "wallclock_ratio": None,
                 "wallclock_ratio_interp": None,
                 "measured_run_ratio": None,
+                "epoch_ratio_interp_by_budget": {},
             }
+            tract_curve = [tract[b]["mean"] for b in budgets]
+            for b in budgets:
+                crossing = crossing_epochs(budgets, tract_curve, plain[b]["mean"])
+                row["epoch_ratio_interp_by_budget"][b] = None if crossing is None else b / crossing
             if step_ratio is not None:
                 for key in ("", "_interp"):
                     if row["epoch_ratio" + key] is not None:
@@ -702,7 +709,8 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         "epoch ratio interp. | step-time ratio | wall-clock ratio | wall-clock ratio interp. | run-time ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in headline(result):
+    rows = headline(result)
+    for row in rows:
         match = "not reached" if row["tract_match_epochs"] is None else f"{row['tract_match_epochs']} ep"
         lines.append(
             f"| {row['setting']} | {result['lr_choice'][row['setting']]['lr']:g} | {row['lambda']:g} | "
@@ -712,8 +720,25 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
             f"{_fmt(row['step_time_ratio'], '.3f')} | {_fmt(row['wallclock_ratio'], '.2f', '×')} | "
             f"{_fmt(row['wallclock_ratio_interp'], '.2f', '×')} | {_fmt(row['measured_run_ratio'], '.2f', '×')} |"
         )
+    lines += [
+        "",
+        "### Epoch ratio at every accuracy level of the plain model (interpolated)",
+        "",
+        "For each budget b: b / the epochs TrAct needs (interpolated as above) to reach the plain model's mean "
+        "accuracy at b. > 1: TrAct gets there sooner; \"—\": TrAct never reaches it; at the smallest budget the "
+        "ratio is capped at 1 (nothing measured below it).",
+        "",
+    ]
+    budget_sets = sorted({tuple(row["budgets"]) for row in rows}, key=len, reverse=True)
+    for budgets in budget_sets:
+        lines += ["| setting | λ | " + " | ".join(f"{b} ep" for b in budgets) + " |", "|---|---" + "|---" * len(budgets) + "|"]
+        for row in rows:
+            if tuple(row["budgets"]) == budgets:
+                cells = [_fmt(row["epoch_ratio_interp_by_budget"][b], ".2f", "×") for b in budgets]
+                lines.append(f"| {row['setting']} | {row['lambda']:g} | " + " | ".join(cells) + " |")
+        lines.append("")
     summary = summarize(result)
-    lines += ["", "## Test accuracy (%) per budget, mean ± std over seeds", ""]
+    lines += ["## Test accuracy (%) per budget, mean ± std over seeds", ""]
     for setting, variants in summary.items():
         names = ["plain", *sorted(v for v in variants if v != "plain")]
         lines += [f"### {setting} (lr {result['lr_choice'][setting]['lr']:g})", "",
@@ -780,7 +805,8 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
         env = result["environment"]
-        fig.suptitle(f"Fashion-MNIST: TrAct (solid) vs plain (dashed)\nmean ± std over {len(result['preset']['seeds'])} seeds; "
+        preset = result["preset"]
+        fig.suptitle(f"Fashion-MNIST ({preset['n_train']} training / {preset['n_test']} test images): TrAct (solid) vs plain (dashed)\nmean ± std over {len(result['preset']['seeds'])} seeds; "
                      f"{env['device']}", fontsize=10)
         fig.tight_layout()
         path = prefix.parent / f"{prefix.name}_{axis}.png"
