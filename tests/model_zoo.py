@@ -289,6 +289,9 @@ def build_case(record: dict, dtype: torch.dtype = torch.float64) -> Case:
     except Exception as exc:  # noqa: BLE001 - reported as the skip reason
         raise CaseSkip(f"tiny model cannot be built here: {type(exc).__name__}: {exc}"[:300]) from None
     consumers = dict(record["direct_pixel_consumers"])
+    if record.get("submodule_run"):  # recorded relative to the top-level class, run on a submodule
+        prefix = record["submodule_run"] + "."
+        consumers = {path.removeprefix(prefix): calls for path, calls in consumers.items()}
     full = _run_call(record.get("call"))
     last_error = None
     for candidate in (dtype, torch.float32) if dtype != torch.float32 else (dtype,):

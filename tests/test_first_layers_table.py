@@ -140,8 +140,11 @@ def test_forward_bit_identical_and_tract_gradient(key):
     apply_tract(patched, lambda_=LAMBDA, target=target)
     assert sorted(tract_layers(patched)) == sorted(case.expected)
 
-    with torch.no_grad():
-        _assert_outputs_equal(case.run(patched, case.inputs), case.run(plain, case.inputs))
+    with torch.no_grad():  # seeded: some families draw noise even in eval (ViTMAE random masking)
+        torch.manual_seed(0)
+        patched_eval = case.run(patched, case.inputs)
+        torch.manual_seed(0)
+        _assert_outputs_equal(patched_eval, case.run(plain, case.inputs))
 
     for model in (plain, patched):
         zoo.set_dropout_off(model)
