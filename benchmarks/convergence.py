@@ -100,7 +100,8 @@ class Setting:
         """Parses a name such as `"resnet-sgd-contrast"`."""
         arch, optimizer, inputs = name.split("-")
         if arch not in ARCHS or optimizer not in OPTIMIZERS or inputs not in INPUTS:
-            raise ValueError(f"unknown setting {name!r}; expected <{'|'.join(ARCHS)}>-<{'|'.join(OPTIMIZERS)}>-<{'|'.join(INPUTS)}>")
+            expected = "-".join("<" + "|".join(choices) + ">" for choices in (ARCHS, OPTIMIZERS, INPUTS))
+            raise ValueError(f"unknown setting {name!r}; expected {expected}")
         return cls(arch, optimizer, inputs)
 
 
@@ -157,7 +158,9 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         n_train=6_000, n_val=2_000, n_test=5_000, budgets=[1, 2, 4, 8, 16], seeds=[0, 1, 2, 3, 4],
         lambdas=[0.05, 0.1, 0.2],
-        settings=["vit-adam-std", "resnet-sgd-std", "vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit"],
+        settings=[
+            "vit-adam-std", "resnet-sgd-std", "vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit"
+        ],
         lr_budget=2, batch_size=128, vit=dict(SMALL_VIT, patch_size=7), resnet=SMALL_RESNET,
         timing_rounds=6, timing_steps=4,
         setting_lambdas={s: [0.1] for s in ("vit-adam-contrast", "resnet-sgd-contrast", "vit-adam-raw255", "vit-adam-unit")},
@@ -440,8 +443,11 @@ def git_commit() -> str:
     `HF_TRACT_COMMIT` is for copies of the working tree without `.git` (e.g. on a device machine).
     """
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("HF_TRACT_COMMIT", "unknown")
     return commit + ("+dirty" if dirty else "")
@@ -450,7 +456,9 @@ def git_commit() -> str:
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, library versions, command line and commit, for the results file."""
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+        ),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -505,11 +513,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     def record(
         setting: Setting, lambda_: float | None, lr: float, epochs: int, seed: int, evals: tuple[torch.Tensor, torch.Tensor]
     ) -> dict[str, Any]:
+        """Runs (or, when already in the results, looks up) one training run and saves the results."""
         variant = "plain" if lambda_ is None else f"tract_{lambda_}"
         key = run_key(setting.name, variant, epochs, seed, lr)
         if key in done:
             return done[key]
-        rec = {"key": key, "setting": setting.name, "variant": variant, "lambda": lambda_, "lr": lr, "epochs": epochs, "seed": seed}
+        rec = {"key": key, "setting": setting.name, "variant": variant, "lambda": lambda_, "lr": lr}
+        rec.update(epochs=epochs, seed=seed)
         rec.update(train_run(setting, preset, data, evals, lr, lambda_, epochs, seed, device))
         result["runs"].append(rec)
         done[key] = rec
@@ -526,7 +536,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             grid = LR_GRIDS[setting.optimizer]
             scores = {lr: record(setting, None, lr, preset.lr_budget, preset.seeds[0], evals)["val_acc"] for lr in grid}
             best = max(grid, key=lambda lr: scores[lr])
-            result["lr_choice"][name] = {"lr": best, "val_acc": {f"{lr:g}": acc for lr, acc in scores.items()}, "epochs": preset.lr_budget, "seed": preset.seeds[0]}
+            result["lr_choice"][name] = {
+                "lr": best,
+                "val_acc": {f"{lr:g}": acc for lr, acc in scores.items()},
+                "epochs": preset.lr_budget,
+                "seed": preset.seeds[0],
+            }
         lr = result["lr_choice"][name]["lr"]
         if name not in result["step_times"]:
             result["step_times"][name] = measure_step_times(setting, preset, data, lr, device)
@@ -748,13 +763,17 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
             cells = []
             for n in names:
                 s = variants.get(n, {}).get(epochs)
-                cells.append("—" if s is None else _pct(s["mean"], s["std"]) + (f" (n={s['n']})" if s["n"] != len(preset["seeds"]) else "")
-                             + (f" ({s['diverged']} diverged)" if s["diverged"] else ""))
+                if s is None:
+                    cells.append("—")
+                    continue
+                partial = f" (n={s['n']})" if s["n"] != len(preset["seeds"]) else ""
+                cells.append(_pct(s["mean"], s["std"]) + partial + (f" ({s['diverged']} diverged)" if s["diverged"] else ""))
             lines.append(f"| {epochs} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Learning-rate search (plain model, validation accuracy %)", ""]
     for setting, choice in result["lr_choice"].items():
-        lines.append(f"- {setting}: " + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + f" → {choice['lr']:g}")
+        scores = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items())
+        lines.append(f"- {setting}: {scores} → {choice['lr']:g}")
     lines += ["", "## Per-step training time (interleaved, median over rounds)", ""]
     for setting, times in result["step_times"].items():
         lines.append(f"- {setting}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in times["seconds_per_step"].items()))
