@@ -235,3 +235,10 @@ def test_read_only_queries_and_undo_see_through_wrappers():
     assert list(tract_layers(compiled)) == [VIT_PATH] and is_tract_applied(compiled)
     remove_tract(compiled)
     assert not is_tract_applied(model)
+
+
+def test_registry_is_built_from_the_committed_survey_records():
+    script = os.path.join(os.path.dirname(__file__), "data", "build_first_layer_registry.py")
+    assert subprocess.run([sys.executable, script, "--check"], check=False).returncode == 0, (
+        "hf_tract/first_layers.json is stale: run python tests/data/build_first_layer_registry.py"
+    )
