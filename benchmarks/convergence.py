@@ -870,6 +870,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output file and skip them")
     parser.add_argument("--report", metavar="JSON", default=None, help="only rewrite the table and plots of an existing results file")
+    parser.add_argument(
+        "--remeasure-step-times", metavar="JSON", default=None,
+        help="only measure the per-step TrAct/plain time ratios again with the current code, for the settings and "
+        "learning rates of an existing results file; writes them beside it (<name>_step_times.json)",
+    )
     args = parser.parse_args(argv)
     if args.settings is not None:
         for name in args.settings:
@@ -879,10 +884,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def remeasure_step_times(result_path: Path, args: argparse.Namespace) -> Path:
+    """Per-step time ratios of an existing results file's settings, measured again with the current code.
+
+    The accuracy runs stay as they were; only the cost side of the wall-clock ratio is re-measured (e.g.
+    after a change that makes TrAct's step cheaper). Writes `<result>_step_times.json` and returns its path.
+    """
+    previous = json.loads(result_path.read_text())
+    preset = dataclasses.replace(PRESETS[previous["mode"]])
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    data = load_fashion_mnist(find_data_dir(args.data_dir), preset, device)
+    out = {"source": str(result_path), "environment": environment(device), "note": args.note, "step_times": {}}
+    for name, choice in previous["lr_choice"].items():
+        out["step_times"][name] = measure_step_times(Setting.from_name(name), preset, data, choice["lr"], device)
+        before = previous["step_times"].get(name, {}).get("ratio")
+        print(f"{name}: TrAct/plain per-step ratio now {out['step_times'][name]['ratio']} (before: {before})", flush=True)
+    path = result_path.with_name(result_path.stem + "_step_times.json")
+    save(out, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """Runs the benchmark (or, with `--report`, only the table and plots) and prints the written paths."""
     args = parse_args(argv)
-    if args.report:
+    if args.remeasure_step_times:
+        paths = [str(remeasure_step_times(Path(args.remeasure_step_times), args))]
+    elif args.report:
         paths = write_report(Path(args.report), Path(args.plots_dir))
     else:
         run_benchmark(args)
