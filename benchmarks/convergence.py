@@ -67,7 +67,7 @@ PLOTS_DIR = REPO_ROOT / "benchmarks" / "plots"
 DEFAULT_DATA_DIRS = (
     REPO_ROOT.parent / "shared" / "data" / "fashion-mnist",
     REPO_ROOT / "shared" / "data" / "fashion-mnist",
-    Path("/usr/share/dataset-fashion-mnist"),
+    Path("/usr/share/datasets/fashion-mnist"),  # Debian package dataset-fashion-mnist
 )
 ARCHS = ("vit", "resnet")
 OPTIMIZERS = ("adam", "sgd")
