@@ -156,7 +156,7 @@ _CONV_OPS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 
 def _op_arguments(func, args, kwargs):
-    """(input, weight, geometry, rebuild) for a conv/linear functional call."""
+    """The call's arguments by name, and the patch geometry they define, for a conv/linear functional call."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = dict(zip(names, args))
     bound.update(kwargs)

@@ -12,7 +12,6 @@ import copy
 import json
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
