@@ -233,9 +233,14 @@ def precondition_with_gram(
     Returns:
         The TrAct weight gradient, with the dtype and shape of ``grad_weight``.
 
-    If the factorisation fails (non-finite Gram) the result falls back, per group and without a
-    host synchronisation, to the plain gradient scaled by ``1 / (trace(G)/(N n) + λ)``, the
-    preconditioner with the Gram replaced by its mean eigenvalue.
+    If the Cholesky factorisation fails, training does not stop:
+
+    - on CPU, where looking at the result costs no device synchronisation, a finite Gram is solved
+      again by a float64 eigendecomposition (stable for any symmetric matrix; eigenvalues clamped
+      at λ, their exact lower bound);
+    - otherwise (a non-finite Gram, or a GPU, where checking would synchronise) the result falls
+      back, per group, to the plain gradient scaled by ``1 / (trace(G)/(N n) + λ)``, the
+      preconditioner with the Gram replaced by its mean eigenvalue.
     """
     groups, n, _ = gram.shape
     dtype = solve_dtype or default_solve_dtype(gram, num_rows, lambda_)
@@ -247,9 +252,20 @@ def precondition_with_gram(
         rhs = _grouped(grad_weight, groups).to(dtype).transpose(1, 2)  # (g, n, out/g)
         factor, info = torch.linalg.cholesky_ex(regularized)
         solved = torch.cholesky_solve(rhs, factor)
-        mean_eig = regularized.diagonal(dim1=1, dim2=2).mean(-1).reshape(groups, 1, 1)
-        solved = torch.where((info == 0).reshape(groups, 1, 1), solved, rhs / mean_eig)
+        failed = (info != 0).reshape(groups, 1, 1)
+        if gram.device.type == "cpu" and failed.any() and torch.isfinite(regularized).all():
+            solved = torch.where(failed, _eigh_solve(regularized, rhs, lambda_).to(dtype), solved)
+        else:
+            mean_eig = regularized.diagonal(dim1=1, dim2=2).mean(-1).reshape(groups, 1, 1)
+            solved = torch.where(failed, rhs / mean_eig, solved)
         return solved.transpose(1, 2).reshape(grad_weight.shape).to(grad_weight.dtype)
+
+
+def _eigh_solve(regularized: torch.Tensor, rhs: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """``regularized^-1 rhs`` by a float64 eigendecomposition, eigenvalues clamped at λ."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(regularized.double())
+    inverse_values = 1.0 / eigenvalues.clamp_min(lambda_)
+    return eigenvectors @ (inverse_values.unsqueeze(-1) * (eigenvectors.transpose(1, 2) @ rhs.double()))
 
 
 def precondition_with_patches(

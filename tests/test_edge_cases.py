@@ -142,3 +142,21 @@ def test_default_solve_precision_follows_the_condition_bound():
     assert default_solve_dtype(patch_gram(standardized, geometry), rows, 0.1) == torch.float32
     assert default_solve_dtype(patch_gram(raw_pixels, geometry), rows, 0.1) == torch.float64
     assert default_solve_dtype(patch_gram(standardized.double(), geometry), rows, 0.1) == torch.float64
+
+
+def test_failed_float32_factorization_falls_back_to_a_stable_solve():
+    """A forced float32 solve of an ill-conditioned Gram (near-constant pixels ~1e4, λ = 0.1) fails to factorize;
+    the CPU fallback solves it again (float64 eigendecomposition) instead of crashing or degrading."""
+    from hf_tract.functional import PatchGeometry, patch_gram, precondition_with_gram
+
+    torch.manual_seed(0)
+    geometry = PatchGeometry.conv((4, 4), 4)
+    x = 1e4 + torch.randn(4, 3, 16, 16)
+    gram = patch_gram(x, geometry)
+    regularized = gram.to(torch.float32) / 64 + 0.1 * torch.eye(48)
+    assert (torch.linalg.cholesky_ex(regularized)[1] != 0).any(), "the case must make float32 Cholesky fail"
+    grad = torch.randn(5, 3, 4, 4)
+    result = precondition_with_gram(grad, gram, 64, 0.1, solve_dtype=torch.float32)
+    expected = precondition_with_gram(grad.double(), gram.double(), 64, 0.1, solve_dtype=torch.float64)
+    assert torch.isfinite(result).all()
+    assert relative_error(result, expected) <= 1e-3
