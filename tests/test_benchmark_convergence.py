@@ -4,7 +4,6 @@ No accuracy is checked: the smoke run only shows that every code path (learning-
 timing, TrAct and plain runs, resume, table, plots) executes and writes complete results.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,19 +11,12 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .benchmark_scripts import REPO_ROOT, load_benchmark
 
-
-def _load_convergence():
-    spec = importlib.util.spec_from_file_location("benchmark_convergence", REPO_ROOT / "benchmarks" / "convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_crossing_epochs():
-    convergence = _load_convergence()
+    convergence = load_benchmark("convergence")
     budgets = [1, 2, 4, 8]
     assert convergence.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.9) is None
     assert convergence.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.4) == 1.0
@@ -52,7 +44,7 @@ def _fake_result(plain: dict[int, float], tract: dict[int, float], seeds: int = 
 
 
 def test_headline_ratios():
-    convergence = _load_convergence()
+    convergence = load_benchmark("convergence")
     (row,) = convergence.headline(_fake_result({1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8}, {1: 0.6, 2: 0.7, 4: 0.8, 8: 0.85}))
     assert row["plain_best_acc"] == pytest.approx(0.8) and row["plain_best_epochs"] == 8
     assert row["tract_match_epochs"] == 4 and row["epoch_ratio"] == 2.0
@@ -72,7 +64,7 @@ def test_headline_ratios():
 
 @pytest.mark.slow
 def test_quick_mode_smoke(tmp_path):
-    convergence = _load_convergence()
+    convergence = load_benchmark("convergence")
     try:
         data_dir = convergence.find_data_dir(None)
     except FileNotFoundError as err:

@@ -3,27 +3,17 @@
 The benchmark is not a unit test: no timing is checked here, only that every code path executes.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .benchmark_scripts import load_benchmark
 
-
-def _load_overhead():
-    spec = importlib.util.spec_from_file_location("benchmark_overhead", REPO_ROOT / "benchmarks" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_overhead_smoke(tmp_path):
-    overhead = _load_overhead()
+    overhead = load_benchmark("overhead")
     assert overhead.main(["--mode", "smoke", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "overhead_smoke.json").read_text())
     meta = data["meta"]
