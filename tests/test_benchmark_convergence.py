@@ -7,7 +7,6 @@ timing, TrAct and plain runs, resume, table, plots) executes and writes complete
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
