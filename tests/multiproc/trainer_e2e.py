@@ -55,3 +55,8 @@ def main(output_dir: str, per_device_batch_size: int, extra: dict) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+    # Leave together and close gloo explicitly: a rank exiting while the other still saves, with the process
+    # group alive, can abort in gloo's teardown ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
