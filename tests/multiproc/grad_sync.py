@@ -70,6 +70,7 @@ def main(mode: str, result_path: str) -> None:
         }
         with open(result_path, "w") as f:
             json.dump(result, f)
+    dist.barrier()  # leave together: rank 0 is still writing the result while the others finish
     dist.destroy_process_group()
 
 
