@@ -86,14 +86,7 @@ def tract_card_settings(
     """
     lambdas: dict[str, float] = {}
     found_sync = None
-    patched = {}
-    if model is not None:
-        try:
-            patched = tract_layers(model)
-        except RuntimeError:
-            # `tract_layers` refuses models whose parameters are FSDP2 DTensors; `args` still
-            # holds what the Trainer applied before sharding.
-            patched = {}
+    patched = tract_layers(model) if model is not None else {}
     if patched:
         for name, layer in patched.items():
             lambdas[name] = float(layer.tract_lambda)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from hf_tract import TrActTrainer, TrActTrainingArguments
+from hf_tract import TrActTrainer, TrActTrainingArguments, tract_layers
 from tests.multiproc.tiny import FIRST_LAYER, TinyImages, tiny_vit, trainer_kwargs
 
 
@@ -27,8 +27,7 @@ def main(output_dir: str, per_device_batch_size: int, extra: dict) -> None:
     args = TrActTrainingArguments(output_dir=output_dir, **options)
     trainer = TrActTrainer(model=tiny_vit(), args=args, train_dataset=TinyImages(32))
     trainer.train()
-    # `tract_layers` refuses FSDP2 models (DTensor parameters), so read the layer by name.
-    layer = trainer.accelerator.unwrap_model(trainer.model).get_submodule(FIRST_LAYER)
+    layer = tract_layers(trainer.model)[FIRST_LAYER]
     assert layer.tract_sync_gram == args.tract_sync_gram and layer.tract_lambda == args.tract_lambda
     trainer.save_model()
     # Every rank writes its own first-layer weight, so the test can check the ranks agree.
