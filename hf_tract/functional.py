@@ -291,21 +291,3 @@ def precondition_with_patches(
         mean_eig = (a * a).sum((1, 2)).reshape(groups, 1, 1) / (rows * a.shape[-1]) + lambda_
         result = torch.where((info == 0).reshape(groups, 1, 1), result, g / mean_eig)
         return result.reshape(grad_weight.shape).to(grad_weight.dtype)
-
-
-def tract_weight_grad(
-    grad_weight: torch.Tensor,
-    x: torch.Tensor,
-    geometry: PatchGeometry,
-    lambda_: float,
-    solve_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """TrAct weight gradient from the plain one and the layer input, in one call.
-
-    Chooses the Woodbury form when the batch has fewer patch rows than the Gram has columns.
-    """
-    n = grad_weight[0].numel()
-    rows = num_patch_rows(x, geometry)
-    if rows < n:
-        return precondition_with_patches(grad_weight, patch_matrix(x, geometry), lambda_, solve_dtype)
-    return precondition_with_gram(grad_weight, patch_gram(x, geometry), rows, lambda_, solve_dtype)
