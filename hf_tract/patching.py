@@ -11,43 +11,13 @@ import torch
 import torch.nn as nn
 
 from .modules import SUPPORTED_LAYER_TYPES, TrActLayerMixin, tract_class_for
-from .targets import ExampleInputs, find_first_layers
+from .targets import ExampleInputs, resolve_targets
+from .wrappers import unwrap_for_patching, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 TRACT_TAG = "tract"
 _TRACT_ATTRIBUTES = ("tract_lambda", "tract_sync_gram", "tract_solve_dtype")
-
-
-_WRAPPER_NAMES = ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` / ``DataParallel``; refuses wrappers that
-    TrAct cannot be applied through.
-
-    Raises:
-        RuntimeError: for ``torch.compile``, FSDP and DeepSpeed wrappers (patch before wrapping).
-    """
-    fix = "Call apply_tract(model) on the plain model first, then torch.compile / accelerator.prepare / wrap it."
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise RuntimeError(f"The model is already compiled with torch.compile. {fix}")
-    if type(model).__name__ in _WRAPPER_NAMES:
-        raise RuntimeError(f"The model is already wrapped by {type(model).__name__}. {fix}")
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        raise RuntimeError(f"The model's parameters are sharded DTensors (FSDP2 / tensor parallel). {fix}")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return unwrap_model(model.module)
-    return model
-
-
-def _inner_model(model: nn.Module) -> nn.Module:
-    """The module inside any wrapper, without refusing any: for read-only queries and undo."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        return _inner_model(model._orig_mod)
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or type(model).__name__ in _WRAPPER_NAMES:
-        return _inner_model(model.module)
-    return model
 
 
 def _check_lambda(lambda_) -> float:
@@ -56,21 +26,6 @@ def _check_lambda(lambda_) -> float:
             f"lambda_ must be a finite number > 0 (paper: 0.05 short runs, 0.1 default, 0.2 long runs); got {lambda_!r}."
         )
     return float(lambda_)
-
-
-def _resolve_targets(model, target, example_inputs) -> list[tuple[str, nn.Module]]:
-    if target is None:
-        return find_first_layers(model, example_inputs)
-    names = [target] if isinstance(target, str) else list(target)
-    if not names:
-        raise ValueError("target must be a dotted module name or a non-empty list of them.")
-    resolved = []
-    for name in names:
-        try:
-            resolved.append((name, model.get_submodule(name)))
-        except AttributeError as exc:
-            raise ValueError(f"target {name!r} is not a submodule of {type(model).__name__}: {exc}") from None
-    return resolved
 
 
 def _check_supported(name: str, module: nn.Module) -> None:
@@ -128,8 +83,8 @@ def apply_tract(
     lambda_ = _check_lambda(lambda_)
     if solve_dtype not in (None, torch.float32, torch.float64):
         raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64; got {solve_dtype!r}.")
-    model_to_patch = unwrap_model(model)
-    layers = _resolve_targets(model_to_patch, target, example_inputs)
+    model_to_patch = unwrap_for_patching(model)
+    layers = resolve_targets(model_to_patch, target, example_inputs)
     for name, module in layers:
         _check_supported(name, module)
     for name, module in layers:
@@ -154,7 +109,7 @@ def apply_tract(
 
 def tract_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of ``model`` patched with TrAct, by dotted name."""
-    return {name: m for name, m in _inner_model(model).named_modules() if isinstance(m, TrActLayerMixin)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, TrActLayerMixin)}
 
 
 def is_tract_applied(model: nn.Module) -> bool:
@@ -164,7 +119,7 @@ def is_tract_applied(model: nn.Module) -> bool:
 
 def remove_tract(model: nn.Module) -> nn.Module:
     """Exact undo of :func:`apply_tract`: original classes back, TrAct attributes and tag removed."""
-    inner = _inner_model(model)
+    inner = unwrap_model(model)
     for module in tract_layers(inner).values():
         module.__class__ = type(module)._tract_base_class
         for attribute in _TRACT_ATTRIBUTES:

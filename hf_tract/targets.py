@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .modules import SUPPORTED_LAYER_TYPES
+from .wrappers import unwrap_for_patching
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,7 @@ def find_first_layers(
     Raises:
         FirstLayerNotFoundError: listing candidate layers and how to pass ``target=``.
     """
-    from .patching import unwrap_model  # late import: patching imports this module
-
-    model = unwrap_model(model)
+    model = unwrap_for_patching(model)
     sources = [] if example_inputs is not None else [_from_registry, _from_timm]
     names: list[str] = []
     for source in sources:
@@ -276,3 +275,21 @@ def find_first_layer(model: nn.Module, example_inputs: Optional[ExampleInputs] =
             f"{type(model).__name__} has {len(found)} first layers ({names}); use find_first_layers(model)."
         )
     return found[0]
+
+
+def resolve_targets(
+    model: nn.Module, target: Optional[Union[str, Sequence[str]]], example_inputs: Optional[ExampleInputs] = None
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs ``apply_tract`` patches: ``target`` resolved in ``model``, or discovered."""
+    if target is None:
+        return find_first_layers(model, example_inputs)
+    names = [target] if isinstance(target, str) else list(target)
+    if not names:
+        raise ValueError("target must be a dotted module name or a non-empty list of them.")
+    resolved = []
+    for name in names:
+        try:
+            resolved.append((name, model.get_submodule(name)))
+        except AttributeError as exc:
+            raise ValueError(f"target {name!r} is not a submodule of {type(model).__name__}: {exc}") from None
+    return resolved

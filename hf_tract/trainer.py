@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
 
 from .patching import apply_tract, is_tract_applied, tract_layers
+from .wrappers import is_wrapped
 
 logger = logging.getLogger(__name__)
 
@@ -167,13 +168,6 @@ def _check_plain_trainer_args(args: TrainingArguments) -> None:
             "TrActTrainer needs `TrActTrainingArguments` (a `TrainingArguments` subclass with the `tract_*` "
             f"options), got {type(args).__name__}. Replace `TrainingArguments(...)` by `TrActTrainingArguments(...)`."
         )
-
-
-def _is_wrapped(model: nn.Module) -> bool:
-    """True for DDP / DataParallel / FSDP1 / compiled wrappers: patching must happen before them."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(model, keep_torch_compile=False) is not model
 
 
 def _tract_parameters(model: nn.Module) -> dict[int, str]:
@@ -351,7 +345,7 @@ class TrActTrainer(Trainer):
         if self.optimizer is not None:
             return super().create_optimizer(model)
         args = self.args
-        if args.use_tract and not _is_wrapped(self.model):
+        if args.use_tract and not is_wrapped(self.model):
             # Re-sync with `args` (idempotent): a hyper-parameter search trial sets its values on
             # `args` after `model_init` ran.
             self._apply_tract_from_args(self.model, args)
