@@ -8,6 +8,7 @@ Importing this package imports torch and nothing else heavy; the Trainer glue (w
 transformers' Trainer) is loaded on first access.
 """
 
+from .config import TrActConfig
 from .patching import apply_tract, is_tract_applied, remove_tract, tract_layers
 from .targets import find_first_layer, find_first_layers
 
@@ -22,6 +23,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "TrActConfig",
     "apply_tract",
     "remove_tract",
     "is_tract_applied",
