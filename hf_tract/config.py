@@ -34,7 +34,8 @@ def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[st
     Args:
         targets (`str` or `Iterable[str]`, *optional*):
             A dotted module name, a comma-separated list of them (`"a.b,c.d"`, the command-line form), or
-            an iterable of names. `None` means "discover the first layer".
+            an iterable of names. `None` means "discover the first layer". `""` (or `[""]`) names the model
+            itself, as in `model.get_submodule("")`: the way to patch a bare `nn.Conv2d` / `nn.Linear`.
 
     Returns:
         `tuple[str, ...]` or `None`: The names, stripped, in the given order, duplicates removed.
@@ -47,6 +48,8 @@ def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[st
         return None
     if isinstance(targets, Iterable) and not isinstance(targets, str):
         targets = list(targets)
+    if targets == "" or targets == [""]:
+        return ("",)
     if isinstance(targets, str):
         names = targets.split(",")
     elif isinstance(targets, list) and all(isinstance(name, str) for name in targets):

@@ -125,9 +125,15 @@ def test_probe_finds_first_layer_of_unknown_model():
     assert sorted(tract_layers(model)) == ["left", "right"]
 
 
-@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), True, "0.1"])
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf")])
 def test_bad_lambda_is_a_value_error(bad):
     with pytest.raises(ValueError, match="finite number > 0"):
+        apply_tract(tiny_vit(), lambda_=bad)
+
+
+@pytest.mark.parametrize("bad", [True, "0.1"])
+def test_lambda_of_the_wrong_type_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="must be a float"):
         apply_tract(tiny_vit(), lambda_=bad)
 
 
