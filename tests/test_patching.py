@@ -12,28 +12,15 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from hf_tract import apply_tract, find_first_layer, find_first_layers, is_tract_applied, remove_tract, tract_layers
 from hf_tract.modules import TrActConv2d
 from hf_tract.targets import FirstLayerNotFoundError
+from tests.multiproc.tiny import tiny_resnet
+from tests.multiproc.tiny import tiny_rgb_vit as tiny_vit
 
 VIT_PATH = "vit.embeddings.patch_embeddings.projection"
-
-
-def tiny_vit(**overrides):
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=16, num_labels=3, **overrides,
-    )
-    return ViTForImageClassification(config)
-
-
-def tiny_resnet():
-    torch.manual_seed(0)
-    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    return ResNetForImageClassification(config)
 
 
 def test_find_first_layer_without_patching():
