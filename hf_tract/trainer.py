@@ -209,7 +209,7 @@ class TrActTrainingArguments(TrainingArguments):
         self._normalise_tract_options()
         if needs_cpu_ddp(self):
             # Without this, transformers trains one independent copy per process (it only logs a warning).
-            logger.warning(
+            (logger.warning if os.environ.get("RANK", "0") == "0" else logger.debug)(
                 "%d processes were launched and this machine has no GPU/accelerator: training with CPU DDP "
                 "(`use_cpu=True`, gloo). Pass `--use_cpu True` to say so explicitly.",
                 _launched_processes(),
