@@ -1,13 +1,13 @@
-"""TrAct layers: ``nn.Linear`` / ``nn.ConvNd`` subclasses whose weight gradient is preconditioned.
+"""TrAct layers: `nn.Linear` / `nn.ConvNd` subclasses whose weight gradient is preconditioned.
 
 A patched layer keeps its forward maths exactly: the weight the linear/conv op sees is routed
-through :class:`_TrActWeight`, an identity in the forward pass whose backward right-multiplies the
-weight gradient by ``(A^T A / N + λ I)^-1``. Every other gradient (input, bias, other parameters)
+through [`_TrActWeight`], an identity in the forward pass whose backward right-multiplies the
+weight gradient by `(A^T A / N + λ I)^-1`. Every other gradient (input, bias, other parameters)
 is produced by the unchanged autograd graph of the plain op, hence bit-identical.
 
-Patching swaps the class of the existing module (``layer.__class__ = TrActConv2d``): object
+Patching swaps the class of the existing module (`layer.__class__ = TrActConv2d`): object
 identity, parameters, state_dict keys and optimizer references are unchanged. Layers whose class
-has its own ``forward`` (weight standardisation, dynamic "same" padding, ...) keep it; the conv or
+has its own `forward` (weight standardisation, dynamic "same" padding, ...) keep it; the conv or
 linear op it calls is intercepted, so TrAct preconditions the gradient of the weight that op
 actually sees.
 """
@@ -67,8 +67,8 @@ class _GramState:
         return precondition_with_gram(grad_weight, self.gram, self.num_rows, lambda_, solve_dtype)
 
     def condition_bound(self, lambda_: float) -> torch.Tensor:
-        """``1 + trace(G) / (N λ)`` (largest over groups): an upper bound on the condition number of
-        ``G/N + λI``, whose eigenvalues lie in ``[λ, λ + trace(G)/N]``. A 0-d tensor, no host sync."""
+        """`1 + trace(G) / (N λ)` (largest over groups): an upper bound on the condition number of
+        `G/N + λI`, whose eigenvalues lie in `[λ, λ + trace(G)/N]`. A 0-d tensor, no host sync."""
         if self.patches is not None:
             trace = self.patches.square().sum((1, 2)).max()
         else:
@@ -104,7 +104,7 @@ class _TrActWeight(torch.autograd.Function):
 
 
 def tract_weight(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
-    """``weight`` as seen by the op of ``layer``, with the TrAct backward attached.
+    """`weight` as seen by the op of `layer`, with the TrAct backward attached.
 
     Args:
         layer (`nn.Module`): The patched layer; its `tract_config` gives λ, the solve dtype and the sync group.
@@ -179,25 +179,25 @@ class _TrActLinearMixin(TrActLayerMixin):
 
 
 class TrActLinear(_TrActLinearMixin, nn.Linear):
-    """``nn.Linear`` (any leading dims) with the TrAct weight gradient."""
+    """`nn.Linear` (any leading dims) with the TrAct weight gradient."""
 
     _tract_base_class = nn.Linear
 
 
 class TrActConv1d(_TrActConvMixin, nn.Conv1d):
-    """``nn.Conv1d`` with the TrAct weight gradient."""
+    """`nn.Conv1d` with the TrAct weight gradient."""
 
     _tract_base_class = nn.Conv1d
 
 
 class TrActConv2d(_TrActConvMixin, nn.Conv2d):
-    """``nn.Conv2d`` with the TrAct weight gradient."""
+    """`nn.Conv2d` with the TrAct weight gradient."""
 
     _tract_base_class = nn.Conv2d
 
 
 class TrActConv3d(_TrActConvMixin, nn.Conv3d):
-    """``nn.Conv3d`` with the TrAct weight gradient."""
+    """`nn.Conv3d` with the TrAct weight gradient."""
 
     _tract_base_class = nn.Conv3d
 
@@ -260,10 +260,10 @@ def _supported_base(cls: type) -> Optional[type]:
 
 @functools.lru_cache(maxsize=None)
 def tract_class_for(cls: type) -> type:
-    """The TrAct class that replaces ``cls`` (a subclass of a supported layer type).
+    """The TrAct class that replaces `cls` (a subclass of a supported layer type).
 
-    Plain torch classes map to the importable :class:`TrActLinear` / :class:`TrActConv2d` / ...;
-    subclasses get a class made once per subclass, keeping their own ``forward``.
+    Plain torch classes map to the importable [`TrActLinear`] / [`TrActConv2d`] / ...;
+    subclasses get a class made once per subclass, keeping their own `forward`.
     """
     if cls in _STATIC_CLASSES:
         return _STATIC_CLASSES[cls]
