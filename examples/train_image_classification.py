@@ -54,7 +54,7 @@ from transformers import (
     HfArgumentParser,
     ViTImageProcessor,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from hf_tract import TrActTrainer, TrActTrainingArguments
 from hf_tract.metrics import load_top_k_accuracy
@@ -357,6 +357,9 @@ def main():
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint found at {last_checkpoint}, resuming from it.")
 
+    # Seeded before the model is built, as in transformers' script: a from-scratch model starts from the same
+    # weights in every run (and in every process).
+    set_seed(training_args.seed)
     dataset, eval_split, labels = load_image_dataset(data_args, model_args, training_args.seed)
     model = build_model(model_args, labels)
     image_processor = build_image_processor(model_args, model, dataset["train"], data_args.image_column_name)
