@@ -446,6 +446,9 @@ def test_a_run_patches_once_and_logs_it_once(tmp_path, caplog):
         trainer.train()
         trainer.save_model()
     assert len(_applied_records(caplog)) == 1
+    # tract_log_stats is off by default: nothing recorded, nothing logged.
+    assert not any(key.startswith("tract/") for entry in trainer.state.log_history for key in entry)
+    assert not tract_layers(trainer.model)[FIRST_LAYER].tract_stats
 
 
 def test_model_init_models_are_patched_once_each(tmp_path, caplog):
@@ -568,9 +571,3 @@ def test_log_stats_values_match_the_closed_form(tmp_path):
     assert entry["tract/grad_norm"] == pytest.approx(tract.norm().item(), rel=1e-4)
     bound = 1 + (patches.double() ** 2).sum().item() / (patches.shape[-2] * 0.1)
     assert entry["tract/condition_bound"] == pytest.approx(bound, rel=1e-5)
-
-
-def test_no_stats_by_default(tmp_path):
-    trainer = TrActTrainer(model=tiny_vit(), args=make_args(tmp_path, max_steps=2), train_dataset=TinyImages())
-    trainer.train()
-    assert not any(key.startswith("tract/") for entry in trainer.state.log_history for key in entry)
