@@ -103,7 +103,9 @@ class _TrActWeight(torch.autograd.Function):
         return grad, None, None, None
 
 
-def tract_weight(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
+def tract_weight(
+    layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, *, state=None
+) -> torch.Tensor:
     """`weight` as seen by the op of `layer`, with the TrAct backward attached.
 
     Args:
@@ -111,12 +113,16 @@ def tract_weight(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geomet
         weight (`torch.Tensor`): The weight the op uses.
         x (`torch.Tensor`): The op's input.
         geometry (`PatchGeometry`): How the op turns its input into patch rows.
+        state (*optional*): What the backward uses instead of the default Gram state: any object with
+            `precondition(grad_weight, lambda_, solve_dtype)` and `condition_bound(lambda_)` (the seam for
+            experiments such as computing the factorisation on a side stream; benchmarks/overhead.py).
 
     Returns:
         `torch.Tensor`: `weight` in the forward pass; its gradient is the TrAct one.
     """
     config = layer.tract_config
-    state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
+    if state is None:
+        state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
     stats = layer.tract_stats if layer.tract_record_stats else None
     return _TrActWeight.apply(weight, state, config, stats)
 
