@@ -134,6 +134,17 @@ def test_accelerate_configs_load(name):
     assert config.num_processes == raw["num_processes"]
     if raw["distributed_type"] == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
+    if raw["num_machines"] == 1:
+        # Not a machine-specific count such as 8: the header says to set it (or pass --num_processes).
+        header = (CONFIGS / name).read_text().split("compute_environment")[0]
+        assert raw["num_processes"] == 1 or (raw["num_processes"] == 2 and "num_processes" in header)
+
+
+def test_cpu_multi_process_config_starts_several_processes():
+    """accelerate starts several local processes only through its multi-GPU launcher (MULTI_CPU or --cpu start
+    one); without GPUs TrActTrainingArguments then turns on use_cpu, i.e. CPU DDP."""
+    raw = yaml.safe_load((CONFIGS / "cpu_multi_process.yaml").read_text())
+    assert raw["distributed_type"] == "MULTI_GPU" and raw["num_processes"] == 2 and raw["use_cpu"] is True
 
 
 @pytest.mark.multiproc
