@@ -571,3 +571,26 @@ def test_log_stats_values_match_the_closed_form(tmp_path):
     assert entry["tract/grad_norm"] == pytest.approx(tract.norm().item(), rel=1e-4)
     bound = 1 + (patches.double() ** 2).sum().item() / (patches.shape[-2] * 0.1)
     assert entry["tract/condition_bound"] == pytest.approx(bound, rel=1e-5)
+
+
+def test_hyperparameter_trial_values_are_used_and_patch_once(tmp_path, caplog):
+    """A trial's `tract_*` values reach the model `train()` builds for it, which is patched once: transformers
+    calls `call_model_init(trial)` and only then `_hp_search_setup(trial)`, which sets the trial's values on
+    `args` (the two steps `Trainer.train(trial=...)` runs first, called here as it calls them)."""
+    from transformers.trainer_utils import HPSearchBackend
+
+    built = []
+
+    def model_init(trial=None):
+        built.append(tiny_vit())
+        return built[-1]
+
+    trainer = TrActTrainer(model_init=model_init, args=make_args(tmp_path, max_steps=1), train_dataset=TinyImages())
+    trainer.hp_search_backend = HPSearchBackend.RAY  # what hyperparameter_search sets; RAY trials are dicts
+    trial = {"tract_lambda": 0.4}
+    with caplog.at_level("INFO", logger="hf_tract"):
+        trainer.model = trainer.call_model_init(trial)
+        assert not is_tract_applied(built[1])  # not yet: the trial's values are not on args
+        trainer._hp_search_setup(trial)
+    assert tract_layers(built[1])[FIRST_LAYER].tract_config.lambda_ == 0.4
+    assert len(_applied_records(caplog)) == 1
