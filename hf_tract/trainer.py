@@ -147,7 +147,8 @@ class TrActTrainingArguments(TrainingArguments):
             Add what TrAct does to the training logs (TensorBoard, W&B, `log_history`), on logging steps only:
             `tract/grad_norm_plain` and `tract/grad_norm` (first-layer weight-gradient norm before and after
             the preconditioner) and `tract/condition_bound` (`1 + tr(G)/(Nλ)`, a bound on the condition number of
-            `G/N + λI`), averaged over the step's micro-batches, from the main process.
+            `G/N + λI`), averaged over the step's micro-batches, from the main process. Read by [`TrActTrainer`]
+            (a plain `Trainer` with [`TrActCallback`] does not add them).
     """
 
     use_tract: bool = field(default=True, metadata={"help": "Train the first layer with TrAct."})
