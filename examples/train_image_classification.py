@@ -24,7 +24,15 @@ python examples/train_image_classification.py --dataset_name uoft-cs/cifar10 --i
 
 # the same run without TrAct, as a baseline
 python examples/train_image_classification.py --use_tract False --output_dir outputs/fashion-mnist-vit
+
+# DDP on 2 CPU processes (gloo), or one process per GPU on a GPU machine
+torchrun --nproc_per_node 2 examples/train_image_classification.py
+accelerate launch --config_file examples/accelerate_configs/cpu_multi_process.yaml examples/train_image_classification.py
 ```
+
+Several processes always train one model together (DDP): without a GPU, `TrActTrainingArguments` turns
+on `use_cpu` so transformers sets up CPU DDP instead of one independent run per process. Only the main
+process prints the accuracy and writes the model card.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from transformers import (
     HfArgumentParser,
     ViTImageProcessor,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from hf_tract import TrActTrainer, TrActTrainingArguments
 from hf_tract.metrics import load_top_k_accuracy
@@ -349,6 +357,9 @@ def main():
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint found at {last_checkpoint}, resuming from it.")
 
+    # Seeded before the model is built, as in transformers' script: a from-scratch model starts from the same
+    # weights in every run (and in every process).
+    set_seed(training_args.seed)
     dataset, eval_split, labels = load_image_dataset(data_args, model_args, training_args.seed)
     model = build_model(model_args, labels)
     image_processor = build_image_processor(model_args, model, dataset["train"], data_args.image_column_name)
@@ -369,8 +380,9 @@ def main():
     def compute_metrics(eval_pred):
         return metric.compute(predictions=eval_pred.predictions, references=eval_pred.label_ids, top_k=top_k)
 
-    # TrActTrainer patches the first layer (training_args.use_tract / tract_lambda / tract_target) before
-    # anything wraps the model, and adds the TrAct section to the model card; the rest is plain Trainer.
+    # TrActTrainer patches the first layer (training_args.use_tract / tract_lambda / tract_target /
+    # tract_sync_gram / tract_solve_dtype) before anything wraps the model, and adds the TrAct section to the
+    # model card; the rest is plain Trainer.
     trainer = TrActTrainer(
         model=model,
         args=training_args,
@@ -393,9 +405,10 @@ def main():
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-        names = " / ".join(f"top-{k}" for k in top_k)
-        values = " / ".join(f"{metrics[f'eval_top{k}_accuracy']:.4f}" for k in top_k)
-        print(f"\n{names} accuracy on the {eval_split!r} split ({len(eval_dataset)} images): {values}")
+        if trainer.is_world_process_zero():
+            names = " / ".join(f"top-{k}" for k in top_k)
+            values = " / ".join(f"{metrics[f'eval_top{k}_accuracy']:.4f}" for k in top_k)
+            print(f"\n{names} accuracy on the {eval_split!r} split ({len(eval_dataset)} images): {values}")
 
     card_kwargs = {
         "finetuned_from": model_args.model_name_or_path,
@@ -411,6 +424,7 @@ def main():
         trainer.push_to_hub(**card_kwargs)
     else:
         trainer.create_model_card(**card_kwargs)
+    return trainer
 
 
 if __name__ == "__main__":

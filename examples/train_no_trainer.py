@@ -2,7 +2,7 @@
 """Train an image classifier with TrAct in a plain 🤗 Accelerate training loop (no Trainer).
 
 The same task, data, model and defaults as `train_image_classification.py` (whose data and model helpers
-this script reuses), written as the loop of transformers' `run_image_classification_no_trainer.py`. The
+and `DEFAULT_TRAINING_ARGS` this script reuses), written as the loop of transformers' `run_image_classification_no_trainer.py`. The
 TrAct part is two lines, marked `# TrAct` below:
 
 ```python
@@ -10,11 +10,15 @@ from hf_tract import apply_tract
 apply_tract(model, lambda_=0.1)  # before accelerator.prepare / torch.compile / DDP
 ```
 
+`--tract_lambda`, `--tract_target`, `--tract_sync_gram` and `--tract_solve_dtype` default to `None`: TrActConfig's
+defaults (λ = 0.1, discovered first layer, per-process Gram, automatic solve dtype).
+
 Examples:
 
 ```bash
 python examples/train_no_trainer.py                                     # offline default, 1 process
 accelerate launch --config_file examples/accelerate_configs/<config>.yaml examples/train_no_trainer.py
+torchrun --nproc_per_node 2 examples/train_no_trainer.py                # DDP; on CPU without a GPU too
 python examples/train_no_trainer.py --use_tract False                   # baseline without TrAct
 ```
 """
@@ -40,6 +44,7 @@ from transformers import HfArgumentParser, get_scheduler
 from hf_tract import apply_tract  # TrAct
 from hf_tract.metrics import load_top_k_accuracy
 from train_image_classification import (
+    DEFAULT_TRAINING_ARGS,
     DataTrainingArguments,
     ModelArguments,
     build_image_processor,
@@ -54,31 +59,50 @@ from train_image_classification import (
 logger = logging.getLogger(__name__)
 
 
+_DEFAULTS = DEFAULT_TRAINING_ARGS  # the main script's defaults: one place for both scripts
+
+
 @dataclass
 class LoopArguments:
-    """The training loop's settings (the defaults match `train_image_classification.py`'s default run)."""
+    """The training loop's settings; the defaults are `train_image_classification.py`'s (`DEFAULT_TRAINING_ARGS`)."""
 
-    output_dir: str = field(default="outputs/fashion-mnist-vit-tract-no-trainer")
-    num_train_epochs: int = field(default=5)
+    output_dir: str = field(default=_DEFAULTS["output_dir"] + "-no-trainer")
+    num_train_epochs: int = field(default=_DEFAULTS["num_train_epochs"])
     max_train_steps: int | None = field(default=None, metadata={"help": "Overrides num_train_epochs when set."})
-    per_device_train_batch_size: int = field(default=128)
-    per_device_eval_batch_size: int = field(default=256)
-    learning_rate: float = field(default=2e-3)
-    weight_decay: float = field(default=0.05)
-    lr_scheduler_type: str = field(default="cosine")
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the training steps spent warming up."})
-    gradient_accumulation_steps: int = field(default=1)
-    seed: int = field(default=0)
-    use_tract: bool = field(default=True, metadata={"help": "Train the first layer with TrAct."})
-    tract_lambda: float = field(default=0.1, metadata={"help": "TrAct's regularization strength lambda."})
-    tract_target: str | None = field(
-        default=None, metadata={"help": "Dotted name of the layer to patch (default: found automatically)."}
+    per_device_train_batch_size: int = field(default=_DEFAULTS["per_device_train_batch_size"])
+    per_device_eval_batch_size: int = field(default=_DEFAULTS["per_device_eval_batch_size"])
+    learning_rate: float = field(default=_DEFAULTS["learning_rate"])
+    weight_decay: float = field(default=_DEFAULTS["weight_decay"])
+    lr_scheduler_type: str = field(default=_DEFAULTS["lr_scheduler_type"])
+    warmup_ratio: float = field(
+        # The main script's `warmup_steps` < 1 is a ratio of the training steps, as in TrainingArguments.
+        default=_DEFAULTS["warmup_steps"], metadata={"help": "Share of the training steps spent warming up."}
     )
-    tract_sync_gram: bool = field(
-        default=False, metadata={"help": "All-reduce the patch Gram across processes (exact global-batch TrAct)."}
+    gradient_accumulation_steps: int = field(default=1)
+    seed: int = field(default=_DEFAULTS["seed"])
+    use_cpu: bool = field(
+        default=False,
+        metadata={"help": "Train on CPU (set by itself when several processes are launched on a machine without GPUs)."},
+    )
+    use_tract: bool = field(default=True, metadata={"help": "Train the first layer with TrAct."})
+    tract_lambda: float | None = field(default=None, metadata={"help": "TrAct's lambda (default: 0.1)."})
+    tract_target: str | None = field(
+        default=None, metadata={"help": "Dotted name(s) of the layer(s) to patch (default: found automatically)."}
+    )
+    tract_sync_gram: bool | None = field(
+        default=None,
+        metadata={"help": "All-reduce the patch Gram across processes (exact global-batch TrAct).", "nargs": "?", "const": True},
+    )
+    tract_solve_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of the solve (default: auto).", "choices": ["auto", "float32", "float64"]}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository id (default: the output_dir name)."})
+
+
+def launched_processes() -> int:
+    """How many processes torchrun / accelerate launch started."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def evaluate(model, dataloader, accelerator, metric, top_k) -> dict[str, float]:
@@ -98,7 +122,15 @@ def main():
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, LoopArguments))
     model_args, data_args, args = parser.parse_args_into_dataclasses()
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # Without a GPU, accelerate makes several launched processes DDP only with cpu=True; otherwise each would
+    # train its own copy.
+    cpu = args.use_cpu or (launched_processes() > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if accelerator.num_processes != launched_processes():
+        raise RuntimeError(
+            f"{launched_processes()} processes were launched but accelerate set up {accelerator.num_processes}: "
+            "they would train independent copies. Pass --use_cpu True on a machine without GPUs."
+        )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
@@ -121,7 +153,8 @@ def main():
 
     if args.use_tract:
         # TrAct: patch the first layer in place, before accelerator.prepare wraps the model (DDP, FSDP, compile).
-        apply_tract(model, lambda_=args.tract_lambda, target=args.tract_target, sync_gram=args.tract_sync_gram)
+        apply_tract(model, lambda_=args.tract_lambda, target=args.tract_target,
+                    sync_gram=args.tract_sync_gram, solve_dtype=args.tract_solve_dtype)  # fmt: skip
 
     train_dataloader = DataLoader(
         train_dataset, shuffle=True, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size

@@ -1,14 +1,15 @@
 """hf_tract: TrAct (NeurIPS 2024) for Hugging Face vision models.
 
 TrAct changes only how the first layer of a vision model is trained: the weight gradient of that
-layer is right-multiplied by ``(A^T A / N + lambda I)^-1``, ``A`` being the input patches of the batch.
+layer is right-multiplied by `(A^T A / N + lambda I)^-1`, `A` being the input patches of the batch.
 Forward pass, inference cost and saved weights are those of the plain model.
 
 Importing this package imports torch and nothing else heavy; the Trainer glue (which imports
 transformers' Trainer) is loaded on first access.
 """
 
-from .patching import apply_tract, is_tract_applied, remove_tract, tract_layers
+from .config import TrActConfig
+from .patching import apply_tract, is_tract_applied, remove_tract, tract_config_of, tract_layers
 from .targets import find_first_layer, find_first_layers
 
 __version__ = "0.1.0"
@@ -22,10 +23,12 @@ _LAZY = {
 }
 
 __all__ = [
+    "TrActConfig",
     "apply_tract",
     "remove_tract",
     "is_tract_applied",
     "tract_layers",
+    "tract_config_of",
     "find_first_layer",
     "find_first_layers",
     *_LAZY,

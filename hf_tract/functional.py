@@ -1,12 +1,12 @@
 """The math of TrAct: patch Gram matrices and the preconditioned first-layer weight gradient.
 
-Notation (paper, Eq. 10): for a layer ``z = W a`` applied to the rows ``a`` of the patch matrix
-``A`` (N rows, n columns), TrAct replaces the weight gradient ``grad_W`` by
+Notation (paper, Eq. 10): for a layer `z = W a` applied to the rows `a` of the patch matrix
+`A` (N rows, n columns), TrAct replaces the weight gradient `grad_W` by
 
     grad_W · (A^T A / N + λ I)^-1
 
-For a convolution, the rows of ``A`` are the receptive fields (one per output position and image),
-flattened in the weight's ``(in_channels / groups, *kernel_size)`` order, with one matrix per group.
+For a convolution, the rows of `A` are the receptive fields (one per output position and image),
+flattened in the weight's `(in_channels / groups, *kernel_size)` order, with one matrix per group.
 
 Everything here is pure tensor code without host synchronisation: Gram and solve run in float32
 (float64 for float64 inputs) whatever autocast or the parameter dtype says.
@@ -33,9 +33,9 @@ PaddingArg = Union[str, int, Sequence[int]]
 class PatchGeometry:
     """How a layer turns its input into patch rows.
 
-    ``spatial_dims == 0`` means a linear layer (the rows are the input's last dimension).
-    Convolution attributes use the ``torch.nn.ConvNd`` conventions; ``padding`` may be a string
-    (``"same"`` / ``"valid"``) or one int per spatial dimension.
+    `spatial_dims == 0` means a linear layer (the rows are the input's last dimension).
+    Convolution attributes use the `torch.nn.ConvNd` conventions; `padding` may be a string
+    (`"same"` / `"valid"`) or one int per spatial dimension.
     """
 
     spatial_dims: int = 0
@@ -99,7 +99,7 @@ def _padded_input(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
 
 
 def _patch_view(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
-    """Strided view ``(B, C, *out_positions, *kernel)`` of the receptive fields (no copy)."""
+    """Strided view `(B, C, *out_positions, *kernel)` of the receptive fields (no copy)."""
     x = _padded_input(x, geometry)
     d = geometry.spatial_dims
     for axis, (k, s, dil) in enumerate(zip(geometry.kernel_size, geometry.stride, geometry.dilation)):
@@ -116,11 +116,11 @@ def _unbatched_to_batched(x: torch.Tensor, geometry: PatchGeometry) -> torch.Ten
 
 
 def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int):
-    """Yield the transposed patch matrix ``A^T`` as ``(groups, n, rows)``, over chunks of the batch.
+    """Yield the transposed patch matrix `A^T` as `(groups, n, rows)`, over chunks of the batch.
 
-    Columns are output positions, rows follow the weight layout ``(in/groups, *kernel)``. This
-    layout (patch coordinate major) makes both the gather copy and the Gram product ``A^T A``
-    faster than the row-major ``(rows, n)`` one (CPU, 1 thread: 5x for a 3x3 stem on 1-channel
+    Columns are output positions, rows follow the weight layout `(in/groups, *kernel)`. This
+    layout (patch coordinate major) makes both the gather copy and the Gram product `A^T A`
+    faster than the row-major `(rows, n)` one (CPU, 1 thread: 5x for a 3x3 stem on 1-channel
     28x28 images, 2x on 3-channel 32x32, equal for ViT patchify).
     """
     x = _unbatched_to_batched(x, geometry)
@@ -138,7 +138,7 @@ def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements:
 
 
 def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
-    """The full patch matrix ``A`` as ``(groups, N, n)`` in the Gram dtype.
+    """The full patch matrix `A` as `(groups, N, n)` in the Gram dtype.
 
     Materialises every patch: use it for small N (the Woodbury path) and in tests.
     """
@@ -166,10 +166,10 @@ def num_patch_rows(x: torch.Tensor, geometry: PatchGeometry) -> int:
 def patch_gram(
     x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> torch.Tensor:
-    """Unnormalised Gram ``A^T A`` of the layer's input patches, shape ``(groups, n, n)``.
+    """Unnormalised Gram `A^T A` of the layer's input patches, shape `(groups, n, n)`.
 
     Accumulated in float32 (float64 for float64 input) with autocast disabled. General
-    convolutions are unfolded in chunks of at most ``chunk_elements`` values.
+    convolutions are unfolded in chunks of at most `chunk_elements` values.
     """
     with torch.autocast(x.device.type, enabled=False):
         x = x.detach()
@@ -186,7 +186,7 @@ def patch_gram(
 
 
 def _grouped(grad_weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(out, in/groups, *k)`` -> ``(groups, out/groups, n)``."""
+    """`(out, in/groups, *k)` -> `(groups, out/groups, n)`."""
     return grad_weight.reshape(groups, grad_weight.shape[0] // groups, -1)
 
 
@@ -197,8 +197,8 @@ CPU_FLOAT32_SOLVE_MAX_CONDITION = 2**24 * 1e-3
 
 
 def default_solve_dtype(gram: torch.Tensor, num_rows: Union[int, torch.Tensor], lambda_: float) -> torch.dtype:
-    """float64, except for a float32 Gram on CPU whose condition bound ``1 + trace(G) / (N λ)`` is
-    small enough for float32 (the eigenvalues of ``G/N + λI`` lie in ``[λ, λ + trace(G)/N]``).
+    """float64, except for a float32 Gram on CPU whose condition bound `1 + trace(G) / (N λ)` is
+    small enough for float32 (the eigenvalues of `G/N + λI` lie in `[λ, λ + trace(G)/N]`).
 
     Reading the trace needs the value on the host: free on CPU, a synchronisation on GPUs, which
     therefore always solve in float64. On CPU a float64 solve costs about twice a float32 one
@@ -218,20 +218,20 @@ def precondition_with_gram(
     lambda_: float,
     solve_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``grad_W · (G / N + λ I)^-1`` for each group, via a Cholesky solve.
+    """`grad_W · (G / N + λ I)^-1` for each group, via a Cholesky solve.
 
     Args:
-        grad_weight: plain weight gradient, ``(out, in/groups, *kernel)`` or ``(out, in)``.
-        gram: unnormalised Gram ``A^T A``, ``(groups, n, n)``.
-        num_rows: N (int, or a 0-d tensor when it was all-reduced).
-        lambda_: the TrAct regulariser λ > 0.
-        solve_dtype: dtype of the factorisation; default :func:`default_solve_dtype` (float64 on
-            GPUs; on CPU float32 when provably accurate). The regularised Gram's eigenvalues are
+        grad_weight (`torch.Tensor`): Plain weight gradient, `(out, in/groups, *kernel)` or `(out, in)`.
+        gram (`torch.Tensor`): Unnormalised Gram `A^T A`, `(groups, n, n)`.
+        num_rows (`int` or `torch.Tensor`): N (a 0-d tensor when it was all-reduced).
+        lambda_ (`float`): The TrAct regulariser λ > 0.
+        solve_dtype (`torch.dtype`, *optional*): dtype of the factorisation; default [`default_solve_dtype`]
+            (float64 on GPUs; on CPU float32 when provably accurate). The regularised Gram's eigenvalues are
             at least λ, but its largest grow with the input scale: float64 keeps un-standardised
             inputs (e.g. pixels in [0, 255]) solvable. float32 is a documented speed option.
 
     Returns:
-        The TrAct weight gradient, with the dtype and shape of ``grad_weight``.
+        `torch.Tensor`: The TrAct weight gradient, with the dtype and shape of `grad_weight`.
 
     If the Cholesky factorisation fails, training does not stop:
 
@@ -239,7 +239,7 @@ def precondition_with_gram(
       again by a float64 eigendecomposition (stable for any symmetric matrix; eigenvalues clamped
       at λ, their exact lower bound);
     - otherwise (a non-finite Gram, or a GPU, where checking would synchronise) the result falls
-      back, per group, to the plain gradient scaled by ``1 / (trace(G)/(N n) + λ)``, the
+      back, per group, to the plain gradient scaled by `1 / (trace(G)/(N n) + λ)`, the
       preconditioner with the Gram replaced by its mean eigenvalue.
     """
     groups, n, _ = gram.shape
@@ -262,7 +262,7 @@ def precondition_with_gram(
 
 
 def _eigh_solve(regularized: torch.Tensor, rhs: torch.Tensor, lambda_: float) -> torch.Tensor:
-    """``regularized^-1 rhs`` by a float64 eigendecomposition, eigenvalues clamped at λ."""
+    """`regularized^-1 rhs` by a float64 eigendecomposition, eigenvalues clamped at λ."""
     eigenvalues, eigenvectors = torch.linalg.eigh(regularized.double())
     inverse_values = 1.0 / eigenvalues.clamp_min(lambda_)
     return eigenvectors @ (inverse_values.unsqueeze(-1) * (eigenvectors.transpose(1, 2) @ rhs.double()))
@@ -274,10 +274,10 @@ def precondition_with_patches(
     lambda_: float,
     solve_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Woodbury form of :func:`precondition_with_gram`, cheaper when N < n.
+    """Woodbury form of [`precondition_with_gram`], cheaper when N < n.
 
-    ``(A^T A / N + λ I)^-1 = (I - A^T (N λ I + A A^T)^-1 A) / λ``, so only an N×N system is
-    solved. ``patches`` is ``A`` as ``(groups, N, n)``.
+    `(A^T A / N + λ I)^-1 = (I - A^T (N λ I + A A^T)^-1 A) / λ`, so only an N×N system is
+    solved. `patches` is `A` as `(groups, N, n)`.
     """
     groups, rows, _ = patches.shape
     dtype = solve_dtype or torch.float64

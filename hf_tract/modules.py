@@ -1,13 +1,13 @@
-"""TrAct layers: ``nn.Linear`` / ``nn.ConvNd`` subclasses whose weight gradient is preconditioned.
+"""TrAct layers: `nn.Linear` / `nn.ConvNd` subclasses whose weight gradient is preconditioned.
 
 A patched layer keeps its forward maths exactly: the weight the linear/conv op sees is routed
-through :class:`_TrActWeight`, an identity in the forward pass whose backward right-multiplies the
-weight gradient by ``(A^T A / N + λ I)^-1``. Every other gradient (input, bias, other parameters)
+through [`_TrActWeight`], an identity in the forward pass whose backward right-multiplies the
+weight gradient by `(A^T A / N + λ I)^-1`. Every other gradient (input, bias, other parameters)
 is produced by the unchanged autograd graph of the plain op, hence bit-identical.
 
-Patching swaps the class of the existing module (``layer.__class__ = TrActConv2d``): object
+Patching swaps the class of the existing module (`layer.__class__ = TrActConv2d`): object
 identity, parameters, state_dict keys and optimizer references are unchanged. Layers whose class
-has its own ``forward`` (weight standardisation, dynamic "same" padding, ...) keep it; the conv or
+has its own `forward` (weight standardisation, dynamic "same" padding, ...) keep it; the conv or
 linear op it calls is intercepted, so TrAct preconditions the gradient of the weight that op
 actually sees.
 """
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .config import TrActConfig
 from .functional import (
     PatchGeometry,
     num_patch_rows,
@@ -65,32 +66,65 @@ class _GramState:
             self.work.wait()
         return precondition_with_gram(grad_weight, self.gram, self.num_rows, lambda_, solve_dtype)
 
+    def condition_bound(self, lambda_: float) -> torch.Tensor:
+        """`1 + trace(G) / (N λ)` (largest over groups): an upper bound on the condition number of
+        `G/N + λI`, whose eigenvalues lie in `[λ, λ + trace(G)/N]`. A 0-d tensor, no host sync."""
+        if self.patches is not None:
+            trace = self.patches.square().sum((1, 2)).max()
+        else:
+            trace = self.gram.diagonal(dim1=1, dim2=2).sum(-1).max()
+        rows = self.num_rows.clamp_min(1) if isinstance(self.num_rows, torch.Tensor) else max(self.num_rows, 1)
+        return 1.0 + trace / (rows * lambda_)
+
 
 class _TrActWeight(torch.autograd.Function):
     """Identity on the weight; backward preconditions the weight gradient with the batch's Gram."""
 
     @staticmethod
-    def forward(ctx, weight, state, lambda_, solve_dtype):
-        ctx.state, ctx.lambda_, ctx.solve_dtype = state, lambda_, solve_dtype
+    def forward(ctx, weight, state, config, stats):
+        ctx.state, ctx.config, ctx.stats = state, config, stats
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad_weight):
         state, ctx.state = ctx.state, None  # free the Gram as soon as it is used
-        return state.precondition(grad_weight, ctx.lambda_, ctx.solve_dtype), None, None, None
+        config = ctx.config
+        grad = state.precondition(grad_weight, config.lambda_, config.solve_dtype)
+        if ctx.stats is not None:
+            # Only on the steps the Trainer logs (see `TrActLayerMixin.tract_record_stats`): detached
+            # 0-d tensors, read on the host when the logs are written.
+            ctx.stats.append(
+                {
+                    "grad_norm_plain": grad_weight.detach().float().norm(),
+                    "grad_norm_tract": grad.detach().float().norm(),
+                    "condition_bound": state.condition_bound(config.lambda_).detach().float(),
+                }
+            )
+        return grad, None, None, None
 
 
-def _sync_group(layer: nn.Module):
-    if not layer.tract_sync_gram or not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = layer.tract_sync_gram if not isinstance(layer.tract_sync_gram, bool) else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+def tract_weight(
+    layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, *, state=None
+) -> torch.Tensor:
+    """`weight` as seen by the op of `layer`, with the TrAct backward attached.
 
+    Args:
+        layer (`nn.Module`): The patched layer; its `tract_config` gives λ, the solve dtype and the sync group.
+        weight (`torch.Tensor`): The weight the op uses.
+        x (`torch.Tensor`): The op's input.
+        geometry (`PatchGeometry`): How the op turns its input into patch rows.
+        state (*optional*): What the backward uses instead of the default Gram state: any object with
+            `precondition(grad_weight, lambda_, solve_dtype)` and `condition_bound(lambda_)` (the seam for
+            experiments such as computing the factorisation on a side stream; benchmarks/overhead.py).
 
-def tract_weight(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
-    """``weight`` as seen by the op of ``layer``, with the TrAct backward attached."""
-    state = _GramState(x, geometry, weight[0].numel(), _sync_group(layer))
-    return _TrActWeight.apply(weight, state, layer.tract_lambda, layer.tract_solve_dtype)
+    Returns:
+        `torch.Tensor`: `weight` in the forward pass; its gradient is the TrAct one.
+    """
+    config = layer.tract_config
+    if state is None:
+        state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
+    stats = layer.tract_stats if layer.tract_record_stats else None
+    return _TrActWeight.apply(weight, state, config, stats)
 
 
 def _tract_active(layer: nn.Module) -> bool:
@@ -101,15 +135,37 @@ def _tract_active(layer: nn.Module) -> bool:
 class TrActLayerMixin:
     """Marker and shared attributes of patched layers.
 
-    Attributes set by :func:`hf_tract.apply_tract`: ``tract_lambda`` (λ), ``tract_sync_gram``
-    (False, True, or a process group), ``tract_solve_dtype`` (None = float64).
-    The class it replaced is ``type(layer)._tract_base_class``.
+    Attributes:
+        tract_config ([`TrActConfig`]): Set by [`hf_tract.apply_tract`]: λ, sync_gram, solve dtype, and
+            `targets`, the names of the layers patched with it. The only TrAct state a layer holds, besides
+            the statistics below.
+        tract_record_stats (`bool`): When `True`, every backward appends to `tract_stats` a dict of detached
+            0-d tensors (`grad_norm_plain`, `grad_norm_tract`, `condition_bound`). Off by default; the
+            Trainer turns it on for the steps it logs (`tract_log_stats`).
+
+    `tract_lambda`, `tract_sync_gram` and `tract_solve_dtype` read the config (read-only). The class the
+    layer had before patching is `type(layer)._tract_base_class`.
     """
 
     _tract_base_class: type
-    tract_lambda: float
-    tract_sync_gram = False
-    tract_solve_dtype: Optional[torch.dtype] = None
+    tract_config: TrActConfig
+    tract_record_stats: bool = False
+
+    @property
+    def tract_stats(self) -> list:
+        return self.__dict__.setdefault("_tract_stats", [])
+
+    @property
+    def tract_lambda(self) -> float:
+        return self.tract_config.lambda_
+
+    @property
+    def tract_sync_gram(self):
+        return self.tract_config.sync_gram
+
+    @property
+    def tract_solve_dtype(self) -> Optional[torch.dtype]:
+        return self.tract_config.solve_dtype
 
 
 class _TrActConvMixin(TrActLayerMixin):
@@ -129,25 +185,25 @@ class _TrActLinearMixin(TrActLayerMixin):
 
 
 class TrActLinear(_TrActLinearMixin, nn.Linear):
-    """``nn.Linear`` (any leading dims) with the TrAct weight gradient."""
+    """`nn.Linear` (any leading dims) with the TrAct weight gradient."""
 
     _tract_base_class = nn.Linear
 
 
 class TrActConv1d(_TrActConvMixin, nn.Conv1d):
-    """``nn.Conv1d`` with the TrAct weight gradient."""
+    """`nn.Conv1d` with the TrAct weight gradient."""
 
     _tract_base_class = nn.Conv1d
 
 
 class TrActConv2d(_TrActConvMixin, nn.Conv2d):
-    """``nn.Conv2d`` with the TrAct weight gradient."""
+    """`nn.Conv2d` with the TrAct weight gradient."""
 
     _tract_base_class = nn.Conv2d
 
 
 class TrActConv3d(_TrActConvMixin, nn.Conv3d):
-    """``nn.Conv3d`` with the TrAct weight gradient."""
+    """`nn.Conv3d` with the TrAct weight gradient."""
 
     _tract_base_class = nn.Conv3d
 
@@ -210,10 +266,10 @@ def _supported_base(cls: type) -> Optional[type]:
 
 @functools.lru_cache(maxsize=None)
 def tract_class_for(cls: type) -> type:
-    """The TrAct class that replaces ``cls`` (a subclass of a supported layer type).
+    """The TrAct class that replaces `cls` (a subclass of a supported layer type).
 
-    Plain torch classes map to the importable :class:`TrActLinear` / :class:`TrActConv2d` / ...;
-    subclasses get a class made once per subclass, keeping their own ``forward``.
+    Plain torch classes map to the importable [`TrActLinear`] / [`TrActConv2d`] / ...;
+    subclasses get a class made once per subclass, keeping their own `forward`.
     """
     if cls in _STATIC_CLASSES:
         return _STATIC_CLASSES[cls]

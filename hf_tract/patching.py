@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
+import numbers
 import warnings
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from .config import TrActConfig
 from .modules import SUPPORTED_LAYER_TYPES, TrActLayerMixin, tract_class_for
 from .targets import ExampleInputs, resolve_targets
 from .wrappers import unwrap_for_patching, unwrap_model
@@ -17,15 +18,8 @@ from .wrappers import unwrap_for_patching, unwrap_model
 logger = logging.getLogger(__name__)
 
 TRACT_TAG = "tract"
-_TRACT_ATTRIBUTES = ("tract_lambda", "tract_sync_gram", "tract_solve_dtype")
-
-
-def _check_lambda(lambda_) -> float:
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_) or lambda_ <= 0:
-        raise ValueError(
-            f"lambda_ must be a finite number > 0 (paper: 0.05 short runs, 0.1 default, 0.2 long runs); got {lambda_!r}."
-        )
-    return float(lambda_)
+# Everything apply_tract sets on a layer instance, removed again by remove_tract.
+_LAYER_ATTRIBUTES = ("tract_config", "tract_record_stats", "_tract_stats")
 
 
 def _check_supported(name: str, module: nn.Module) -> None:
@@ -40,89 +34,146 @@ def _check_supported(name: str, module: nn.Module) -> None:
         )
 
 
+def tract_config_of(model: nn.Module) -> Optional[TrActConfig]:
+    """The [`TrActConfig`] the model's patched layers carry, or `None` when it is not patched.
+
+    Args:
+        model (`nn.Module`): Any model; wrappers (DDP, compile, ...) are looked through.
+
+    Returns:
+        [`TrActConfig`] or `None`: One config, with `targets` the names of all patched layers.
+
+    Raises:
+        ValueError: If the patched layers were patched with different options (separate `apply_tract`
+            calls with different λ, ...): there is then no single config to report.
+    """
+    layers = tract_layers(model)
+    if not layers:
+        return None
+    configs = {layer.tract_config.replace(targets=None) for layer in layers.values()}
+    if len(configs) > 1:
+        details = ", ".join(f"{name}: {layer.tract_config.describe()}" for name, layer in layers.items())
+        raise ValueError(f"The TrAct layers of this model carry different options ({details}); re-apply one config.")
+    return configs.pop().replace(targets=tuple(layers))
+
+
 def apply_tract(
     model: nn.Module,
-    lambda_: float = 0.1,
-    target: Optional[Union[str, Iterable[str]]] = None,
+    config: Optional[TrActConfig] = None,
     *,
-    sync_gram=False,
+    lambda_: Optional[float] = None,
+    target: Optional[Union[str, Iterable[str]]] = None,
+    sync_gram: Any = None,
     solve_dtype: Optional[torch.dtype] = None,
     example_inputs: Optional[ExampleInputs] = None,
 ) -> nn.Module:
-    """Train the first layer(s) of ``model`` with TrAct, in place.
+    """Train the first layer(s) of `model` with TrAct, in place.
 
-    The forward pass, the parameters and the state_dict are unchanged; only the weight gradient
-    of the patched layer(s) becomes ``grad_W · (A^T A / N + λ I)^-1``. Calling it again updates the
-    options (never stacks).
+    The forward pass, the parameters and the state_dict are unchanged; only the weight gradient of the
+    patched layer(s) becomes `grad_W · (AᵀA/N + λI)⁻¹`. Each patched layer holds the resulting
+    [`TrActConfig`] as `layer.tract_config`.
+
+    The options come from `config`, then from the keyword arguments, which override it. Without `config`,
+    a model that is already patched keeps its options except those given (so calling this again updates
+    options and never stacks); an unpatched model starts from `TrActConfig()`'s defaults.
 
     Args:
-        model: a transformers / timm / torchvision model (or any ``nn.Module``), before
-            ``torch.compile`` or ``accelerator.prepare``. DDP / DataParallel wrappers are unwrapped.
-        lambda_: the regulariser λ > 0 (paper: 0.1; 0.2 for long runs, 0.05 for short ones; it
+        model (`nn.Module`):
+            A transformers / timm / torchvision model (or any `nn.Module`), before `torch.compile` or
+            `accelerator.prepare`. DDP / DataParallel wrappers are looked through.
+        config ([`TrActConfig`], *optional*):
+            All options at once. A plain number is read as `lambda_` (the positional form of earlier versions).
+        lambda_ (`float`, *optional*):
+            The regulariser λ > 0 (default 0.1; the paper uses 0.2 for long runs, 0.05 for short ones, and
             assumes standardised inputs).
-        target: dotted name(s) of the layer(s) to patch; default: found by
-            :func:`hf_tract.find_first_layers`.
-        sync_gram: all-reduce the Gram across processes (``True`` for the default group, or a
-            process group), making R processes exactly single-process TrAct on the global batch.
-            Default: each process uses its own batch's Gram, like BatchNorm.
-        solve_dtype: dtype of the Cholesky solve. Default: float64 on GPUs; on CPU float32 when
-            an a-priori condition bound guarantees ~1e-3 accuracy (standardised inputs), float64
-            otherwise (e.g. pixels in [0, 255]). ``torch.float32`` forces the faster solve.
-        example_inputs: input for the discovery probe (see :func:`hf_tract.find_first_layers`).
+        target (`str` or `list[str]`, *optional*):
+            Dotted name(s) of the layer(s) to patch, or a comma-separated string; `""` is the model itself.
+            Default: found by [`hf_tract.find_first_layers`].
+        sync_gram (`bool` or `torch.distributed.ProcessGroup`, *optional*):
+            All-reduce the Gram across processes (`True`: the default group), making R processes exactly
+            single-process TrAct on the global batch. Default `False`: each process uses its own batch's Gram.
+        solve_dtype (`torch.dtype`, *optional*):
+            dtype of the Cholesky solve (`torch.float32` / `torch.float64`; `"float32"` / `"float64"` /
+            `"auto"` are accepted). Default: float64 on GPUs; on CPU float32 when an a-priori condition
+            bound guarantees ~1e-3 accuracy (standardised inputs), float64 otherwise.
+        example_inputs (`torch.Tensor` or `dict`, *optional*):
+            Input for the discovery probe (see [`hf_tract.find_first_layers`]).
 
     Returns:
-        ``model`` itself.
+        `nn.Module`: `model` itself.
+
+    Raises:
+        ValueError: For an invalid option (see [`TrActConfig`]) or a target that is not a submodule.
+        TypeError: For a target that is not a `nn.Linear` / `nn.Conv1d/2d/3d` (or subclass).
+        RuntimeError: For a compiled, FSDP or DeepSpeed model (patch before wrapping).
 
     Example:
         ```python
         >>> from transformers import ViTConfig, ViTForImageClassification
-        >>> from hf_tract import apply_tract
-        >>> model = apply_tract(ViTForImageClassification(ViTConfig(image_size=32, patch_size=4)))
+        >>> from hf_tract import TrActConfig, apply_tract
+        >>> model = apply_tract(ViTForImageClassification(ViTConfig(image_size=32, patch_size=4)), lambda_=0.2)
+        >>> model.vit.embeddings.patch_embeddings.projection.tract_config.lambda_
+        0.2
         ```
     """
-    lambda_ = _check_lambda(lambda_)
-    if solve_dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(f"solve_dtype must be None, torch.float32 or torch.float64; got {solve_dtype!r}.")
+    if isinstance(config, numbers.Real) and not isinstance(config, bool) and lambda_ is None:
+        config, lambda_ = None, config
+    if config is not None and not isinstance(config, TrActConfig):
+        raise TypeError(f"config must be a TrActConfig (or use the keyword options); got {config!r}.")
     model_to_patch = unwrap_for_patching(model)
-    layers = resolve_targets(model_to_patch, target, example_inputs)
+    if config is None:
+        config = tract_config_of(model_to_patch) or TrActConfig()
+    options = {"lambda_": lambda_, "targets": target, "sync_gram": sync_gram, "solve_dtype": solve_dtype}
+    config = config.replace(**{key: value for key, value in options.items() if value is not None})
+    layers = resolve_targets(model_to_patch, config.targets, example_inputs)
     for name, module in layers:
         _check_supported(name, module)
+    config = config.replace(targets=tuple(name for name, _ in layers))
+    changed = False
     for name, module in layers:
         if not isinstance(module, TrActLayerMixin):
             module.__class__ = tract_class_for(type(module))
-        module.tract_lambda = lambda_
-        module.tract_sync_gram = sync_gram
-        module.tract_solve_dtype = solve_dtype
+        if module.__dict__.get("tract_config") != config:
+            module.tract_config = config
+            changed = True
         if not module.weight.requires_grad:
             warnings.warn(
                 f"{name}.weight does not require grad: TrAct changes nothing until it is trained "
                 f"(set {name}.weight.requires_grad_(True), or unfreeze the first layer).",
                 stacklevel=2,
             )
-    names = ", ".join(name for name, _ in layers)
+    names = ", ".join(name or "(the model itself)" for name, _ in layers)
     plural = f"{len(layers)} first layers" if len(layers) > 1 else "first layer"
-    logger.info("TrAct (lambda=%g, sync_gram=%s) applied to the %s: %s", lambda_, bool(sync_gram), plural, names)
+    # Re-applying the same options changes nothing and says nothing, so a run logs this line once.
+    (logger.info if changed else logger.debug)("TrAct (%s) applied to the %s: %s", config.describe(), plural, names)
     if hasattr(model_to_patch, "add_model_tags"):
         model_to_patch.add_model_tags([TRACT_TAG])
     return model
 
 
 def tract_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers of ``model`` patched with TrAct, by dotted name."""
+    """The layers of `model` patched with TrAct, by dotted name (wrappers are looked through)."""
     return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, TrActLayerMixin)}
 
 
 def is_tract_applied(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` is patched with TrAct."""
+    """Whether any layer of `model` is patched with TrAct."""
     return bool(tract_layers(model))
 
 
 def remove_tract(model: nn.Module) -> nn.Module:
-    """Exact undo of :func:`apply_tract`: original classes back, TrAct attributes and tag removed."""
+    """Exact undo of [`apply_tract`]: original classes back, `tract_config` and the `tract` tag removed.
+
+    Args:
+        model (`nn.Module`): A patched model (wrappers are looked through); an unpatched one is returned as is.
+
+    Returns:
+        `nn.Module`: `model` itself.
+    """
     inner = unwrap_model(model)
     for module in tract_layers(inner).values():
         module.__class__ = type(module)._tract_base_class
-        for attribute in _TRACT_ATTRIBUTES:
+        for attribute in _LAYER_ATTRIBUTES:
             module.__dict__.pop(attribute, None)
     tags = getattr(inner, "model_tags", None)
     if tags and TRACT_TAG in tags:

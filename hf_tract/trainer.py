@@ -1,18 +1,18 @@
 """Trainer integration: `TrActTrainingArguments`, `TrActTrainer`, `TrActCallback`, `tract_model_init`.
 
-TrAct only changes how the first layer's weight gradient is computed, so the integration is
-about *when* the layer is patched: it must be patched on the bare model, before
-`accelerate` wraps it (DDP / FSDP / `torch.compile`) inside `Trainer.train()`. Three routes:
+TrAct only changes how the first layer's weight gradient is computed, so the integration is about *when*
+and *with which options* the layer is patched: on the bare model, before `accelerate` wraps it (DDP / FSDP /
+`torch.compile`) inside `Trainer.train()`, once per model. Three routes:
 
-- [`TrActTrainer`] (recommended): patches the model given to `__init__`, every model built by
-  `model_init` (also the ones `train()` builds for a hyper-parameter search trial) and re-syncs
-  λ / targets from `args` in `create_optimizer`, the last public hook before the model is wrapped.
-- [`TrActCallback`] for code that already subclasses `Trainer`: patches in `on_init_end`, which
-  fires at the end of `Trainer.__init__`, before anything is wrapped. `on_train_begin` would be
-  too late (it fires after `accelerator.prepare`), so the callback only *checks* there.
-- [`tract_model_init`] wraps a `model_init` function for the same users when they use
-  `model_init`: `Trainer.train()` rebuilds the model there and callbacks never see the new model
-  before it is wrapped.
+- [`TrActTrainer`] (recommended): patches the model given to `__init__` and every model built by
+  `model_init` (for a hyper-parameter search trial: once the trial's values are on `args`).
+- [`TrActCallback`] for code that already subclasses `Trainer`: patches in `on_init_end`, at the end of
+  `Trainer.__init__`, before anything is wrapped; `on_train_begin` comes after the wrapping, so it only checks.
+- [`tract_model_init`] wraps a `model_init` function for the same users when they use `model_init`.
+
+Which options win (README "Which TrAct options a run uses"): the `tract_*` training arguments that are
+given override what the model carries (and the log says so); those left unset keep the model's patch, or
+[`TrActConfig`]'s defaults for an unpatched model; `use_tract=False` removes TrAct from a patched model.
 """
 
 from __future__ import annotations
@@ -21,82 +21,168 @@ import functools
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import number_of_arguments
+from transformers.trainer_utils import IntervalStrategy, number_of_arguments
+from transformers.training_args import ParallelMode
 
-from .patching import apply_tract, is_tract_applied, tract_layers
-from .wrappers import is_wrapped
+from .config import SOLVE_DTYPE_CHOICES, TrActConfig, check_lambda, parse_solve_dtype, parse_targets, solve_dtype_name
+from .optim import CombinedOptimizer, split_tract_param_groups
+from .patching import apply_tract, remove_tract, tract_config_of, tract_layers
+from .wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
 
 TRACT_OPTIMIZER_CHOICES = ("same", "sgd")
 
 
-def _parse_targets(tract_target: str | list[str] | None) -> str | list[str] | None:
-    """`"a.b, c.d"` -> `["a.b", "c.d"]`; one name stays a string; empty / None -> None (discover)."""
-    if tract_target is None:
-        return None
-    names = tract_target if isinstance(tract_target, list) else tract_target.split(",")
-    names = [name.strip() for name in names if name.strip()]
-    if not names:
-        return None
-    return names[0] if len(names) == 1 else names
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, mpirun) started, from its environment."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def needs_cpu_ddp(args: TrainingArguments) -> bool:
+    """Whether `args` must turn on `use_cpu` to be DDP: several processes launched, no accelerator, no DeepSpeed.
+
+    transformers (5.24) puts such a run in distributed mode only with `use_cpu=True`; without it every process
+    trains alone (accelerate's `PartialState` finds no GPU backend and falls back to `DistributedType.NO`).
+    """
+    if args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        return False
+    return _launched_processes() > 1 and not _has_accelerator() and not args.deepspeed
+
+
+def check_distributed_setup(args: TrainingArguments) -> None:
+    """Refuse to train independent copies when several processes were launched.
+
+    transformers only warns ("process group is initialized, but parallel_mode != ParallelMode.DISTRIBUTED")
+    when, e.g., `torchrun --nproc_per_node 2` runs on a machine without GPUs and `use_cpu` is off: every process
+    then trains its own model and they all write to the same folder.
+
+    Args:
+        args (`TrainingArguments`): The Trainer's arguments (their devices are set up by this call).
+
+    Raises:
+        RuntimeError: If several processes were launched but the Trainer is not in distributed mode.
+    """
+    launched = _launched_processes()
+    group = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if max(launched, group) > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise RuntimeError(
+            f"{max(launched, group)} processes were launched, but the Trainer is not in distributed mode "
+            f"(parallel_mode={args.parallel_mode.value}, device={args.device}): each process would train its own "
+            "copy of the model. On a machine without GPUs pass `--use_cpu True` (DDP over gloo; "
+            "`TrActTrainingArguments` does this by itself when no accelerator is found), or launch with "
+            "`accelerate launch --config_file examples/accelerate_configs/cpu_multi_process.yaml`; with GPUs, "
+            "give each process one (`torchrun --nproc_per_node <number of GPUs>`)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- arguments
 
 
 @dataclass
 class TrActTrainingArguments(TrainingArguments):
     """
-    [`~transformers.TrainingArguments`] plus the TrAct options. Every field can be given on the
-    command line (`--tract_lambda 0.2`) or in a JSON / YAML file read by
-    [`~transformers.HfArgumentParser`], and is saved with the rest in `training_args.bin`.
+    [`~transformers.TrainingArguments`] plus the TrAct options. Every field can be given on the command line
+    (`--tract_lambda 0.2`) or in a JSON / YAML file read by [`~transformers.HfArgumentParser`], and is saved
+    with the rest in `training_args.bin`.
+
+    The options that build the [`TrActConfig`] (`tract_lambda`, `tract_target`, `tract_sync_gram`,
+    `tract_solve_dtype`) default to `None`, "not given": a model that is already patched keeps its own value,
+    an unpatched one gets [`TrActConfig`]'s default. Given values override the model's patch.
+
+    When several processes were launched (torchrun, accelerate launch) on a machine without any accelerator,
+    `use_cpu` is turned on (with a log line), so that the run is CPU DDP rather than independent copies.
 
     Args:
-        use_tract (`bool`, defaults to `True`):
-            Train the first layer with TrAct. `False` gives a plain Trainer run with the same
-            script, which is what a baseline needs.
-        tract_lambda (`float`, defaults to `0.1`):
-            The regulariser λ of `(AᵀA/N + λI)⁻¹`. The paper recommends 0.1, 0.2 for long runs
-            and 0.05 for short ones, with standardised inputs.
+        use_tract (`bool`, *optional*, defaults to `True`):
+            Train the first layer with TrAct. `False` gives a plain Trainer run with the same script (what a
+            baseline needs); a model patched before is then unpatched, with a warning.
+        tract_lambda (`float`, *optional*):
+            The regulariser λ of `(AᵀA/N + λI)⁻¹`, finite and > 0. Unset: the model's, else 0.1. The paper uses
+            0.1, 0.2 for long runs and 0.05 for short ones, with standardised inputs.
         tract_target (`str`, *optional*):
             Dotted module name(s) of the layer(s) to train with TrAct, comma separated
-            (`"vit.embeddings.patch_embeddings.projection"`). `None` discovers the first layer.
-        tract_sync_gram (`bool`, defaults to `False`):
-            All-reduce the patch Gram matrix across processes so that R processes compute
-            exactly single-process TrAct on the global batch. Off: each process uses its own
-            batch's Gram (like BatchNorm statistics).
-        tract_optimizer (`str`, defaults to `"same"`):
-            `"same"`: the TrAct layer is updated by the optimizer chosen with `optim`, in its own
-            parameter groups when `tract_learning_rate` / `tract_weight_decay` are set.
-            `"sgd"`: the TrAct layer is updated by `torch.optim.SGD` while the rest uses `optim`
-            (the paper's ablation); needs `tract_learning_rate`.
+            (`"vit.embeddings.patch_embeddings.projection"`). Unset: the model's patched layers, else discovery.
+        tract_sync_gram (`bool`, *optional*):
+            All-reduce the patch Gram across processes so that R processes compute exactly single-process TrAct
+            on the global batch. Unset: the model's, else off (each process uses its own batch's Gram).
+        tract_solve_dtype (`str`, *optional*):
+            dtype of the Cholesky solve: `"auto"` (float64 on GPUs; on CPU float32 when provably accurate),
+            `"float32"` or `"float64"`. Unset: the model's, else `"auto"`.
+        tract_optimizer (`str`, *optional*, defaults to `"same"`):
+            `"same"`: the TrAct layer is updated by the optimizer chosen with `optim`, in its own parameter
+            groups when `tract_learning_rate` / `tract_weight_decay` are set. `"sgd"`: the TrAct layer is updated
+            by `torch.optim.SGD` while the rest uses `optim` (the paper's ablation); needs `tract_learning_rate`.
         tract_learning_rate (`float`, *optional*):
-            Learning rate of the TrAct layer's parameters. `None` uses `learning_rate`. The
-            learning-rate schedule scales it like every other group.
+            Learning rate of the TrAct layer's parameters. `None` uses `learning_rate`. The learning-rate
+            schedule scales it like every other group.
         tract_weight_decay (`float`, *optional*):
-            Weight decay of the TrAct layer's weight (its bias never decays, as in Trainer).
-            `None` uses `weight_decay`.
-        tract_momentum (`float`, defaults to `0.9`):
+            Weight decay of the TrAct layer's weight (its bias never decays, as in Trainer). `None` uses
+            `weight_decay`.
+        tract_momentum (`float`, *optional*, defaults to `0.9`):
             Momentum of the SGD optimizer when `tract_optimizer="sgd"`.
+        tract_log_stats (`bool`, *optional*, defaults to `False`):
+            Add what TrAct does to the training logs (TensorBoard, W&B, `log_history`), on logging steps only:
+            `tract/grad_norm_plain` and `tract/grad_norm` (first-layer weight-gradient norm before and after
+            the preconditioner) and `tract/condition_bound` (`1 + tr(G)/(Nλ)`, a bound on the condition number of
+            `G/N + λI`), averaged over the step's micro-batches, from the main process. Read by [`TrActTrainer`]
+            (a plain `Trainer` with [`TrActCallback`] does not add them).
     """
 
     use_tract: bool = field(default=True, metadata={"help": "Train the first layer with TrAct."})
-    tract_lambda: float = field(
-        default=0.1,
-        metadata={"help": "TrAct regulariser lambda (> 0). Paper: 0.1 default, 0.2 long runs, 0.05 short runs."},
+    tract_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": "TrAct regulariser lambda (finite, > 0). Default: the model's patch, else 0.1. "
+            "Paper: 0.1 default, 0.2 long runs, 0.05 short runs."
+        },
     )
     tract_target: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated module name(s) of the layer(s) trained with TrAct; default: discover."},
+        metadata={
+            "help": "Comma-separated module name(s) of the layer(s) trained with TrAct. Default: the model's "
+            "patched layers, else discover the first layer."
+        },
     )
-    tract_sync_gram: bool = field(
-        default=False,
-        metadata={"help": "All-reduce the patch Gram across processes (exact single-process TrAct on the global batch)."},
+    tract_sync_gram: bool | None = field(
+        default=None,
+        metadata={
+            "help": "All-reduce the patch Gram across processes (exact single-process TrAct on the global "
+            "batch). Default: the model's patch, else off.",
+            # `--tract_sync_gram` alone means True, as for plain bool fields (HfArgumentParser reads these keys).
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    tract_solve_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of TrAct's Cholesky solve: auto (float64 on GPUs, float32 on CPU when provably "
+            "accurate), float32 or float64. Default: the model's patch, else auto.",
+            "choices": list(SOLVE_DTYPE_CHOICES),
+        },
     )
     tract_optimizer: str = field(
         default="same",
@@ -112,26 +198,25 @@ class TrActTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Weight decay of the TrAct layer's weight (default: weight_decay)."}
     )
     tract_momentum: float = field(default=0.9, metadata={"help": "SGD momentum when tract_optimizer='sgd'."})
+    tract_log_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "Log the first layer's plain and preconditioned gradient norms and the Gram's condition "
+            "bound at logging steps (tract/grad_norm_plain, tract/grad_norm, tract/condition_bound)."
+        },
+    )
 
     def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.tract_lambda, bool) or not isinstance(self.tract_lambda, (int, float)):
-            raise TypeError(f"`tract_lambda` must be a float, got {self.tract_lambda!r}.")
-        self.tract_lambda = float(self.tract_lambda)
-        # NaN fails `> 0` as well, so it is caught here too.
-        if not self.tract_lambda > 0:
-            raise ValueError(
-                f"`tract_lambda` must be > 0 (it keeps AᵀA/N + λI invertible), got {self.tract_lambda}; "
-                "the paper uses 0.1 (0.2 for long runs, 0.05 for short ones). Use `use_tract=False` to disable TrAct."
+        self._normalise_tract_options()
+        if needs_cpu_ddp(self):
+            # Without this, transformers trains one independent copy per process (it only logs a warning).
+            (logger.warning if os.environ.get("RANK", "0") == "0" else logger.debug)(
+                "%d processes were launched and this machine has no GPU/accelerator: training with CPU DDP "
+                "(`use_cpu=True`, gloo). Pass `--use_cpu True` to say so explicitly.",
+                _launched_processes(),
             )
-        if self.tract_target is not None and not isinstance(self.tract_target, str):
-            if isinstance(self.tract_target, (list, tuple)) and all(isinstance(t, str) for t in self.tract_target):
-                # A list from Python / YAML is stored in the CLI form so that it round-trips through JSON and argv.
-                self.tract_target = ",".join(self.tract_target)
-            else:
-                raise TypeError(f"`tract_target` must be a module name or a comma-separated list, got {self.tract_target!r}.")
-        if self.tract_target is not None and _parse_targets(self.tract_target) is None:
-            raise ValueError("`tract_target` is empty; leave it unset (None) to discover the first layer.")
+            self.use_cpu = True
+        super().__post_init__()
         if self.tract_optimizer not in TRACT_OPTIMIZER_CHOICES:
             raise ValueError(
                 f"`tract_optimizer` must be one of {TRACT_OPTIMIZER_CHOICES}, got {self.tract_optimizer!r}."
@@ -156,10 +241,101 @@ class TrActTrainingArguments(TrainingArguments):
                 "`use_tract=False`: `tract_optimizer`, `tract_learning_rate` and `tract_weight_decay` are ignored."
             )
 
+    def _normalise_tract_options(self) -> None:
+        # The rules are TrActConfig's (hf_tract/config.py); only the names in the messages differ. Values are
+        # stored in their command-line form, so that they round-trip through argv and JSON.
+        if self.tract_lambda is not None:
+            self.tract_lambda = check_lambda(self.tract_lambda, "tract_lambda")
+        if self.tract_target is not None:
+            try:
+                self.tract_target = ",".join(parse_targets(self.tract_target))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"`tract_target`: {exc}") from None
+        if self.tract_sync_gram is not None and not isinstance(self.tract_sync_gram, bool):
+            raise TypeError(f"`tract_sync_gram` must be True, False or unset, got {self.tract_sync_gram!r}.")
+        if self.tract_solve_dtype is not None:
+            try:
+                self.tract_solve_dtype = solve_dtype_name(parse_solve_dtype(self.tract_solve_dtype))
+            except ValueError as exc:
+                raise ValueError(f"`tract_solve_dtype`: {exc}") from None
+
     @property
-    def tract_targets(self) -> str | list[str] | None:
-        """`tract_target` in the form `apply_tract` takes (a name, a list of names, or `None`)."""
-        return _parse_targets(self.tract_target)
+    def tract_options(self) -> dict[str, Any]:
+        """The TrAct options given (not `None`), as [`TrActConfig`] field names: what overrides the model's patch."""
+        options = {
+            "lambda_": self.tract_lambda,
+            "targets": self.tract_target,
+            "sync_gram": self.tract_sync_gram,
+            "solve_dtype": self.tract_solve_dtype,
+        }
+        return {key: value for key, value in options.items() if value is not None}
+
+    @property
+    def tract_config(self) -> TrActConfig:
+        """The [`TrActConfig`] these arguments give an unpatched model (defaults where unset)."""
+        return TrActConfig(**self.tract_options)
+
+    @property
+    def tract_targets(self) -> tuple[str, ...] | None:
+        """`tract_target` as a tuple of names, or `None` (discover)."""
+        return parse_targets(self.tract_target)
+
+
+# ---------------------------------------------------------------------------------------------- precedence
+
+
+def _describe_changes(old: TrActConfig, new: TrActConfig) -> str:
+    before, after = old.to_dict(), new.to_dict()
+    return ", ".join(f"{key} {before[key]} -> {after[key]}" for key in after if before[key] != after[key])
+
+
+def prepare_model_for_training(
+    model: nn.Module, use_tract: bool, options: dict[str, Any], source: str = "training arguments"
+) -> nn.Module:
+    """Patch, re-patch or unpatch `model` for a run, by the precedence rules of the Trainer integration.
+
+    - `use_tract=False`: a patched model is unpatched (with a warning), so the run is a plain baseline.
+    - An unpatched model is patched with `TrActConfig(**options)` (defaults where an option is unset).
+    - A patched model keeps its [`TrActConfig`] except for the options given, which override it (logged).
+      New targets replace the patched layers.
+
+    Args:
+        model (`nn.Module`): The bare model (not wrapped yet).
+        use_tract (`bool`): Whether the run trains with TrAct.
+        options (`dict`): The explicitly given options, as [`TrActConfig`] field names.
+        source (`str`, *optional*): What gave the options, for the log messages.
+
+    Returns:
+        `nn.Module`: `model` itself.
+    """
+    current = tract_config_of(model)
+    if not use_tract:
+        if current is not None:
+            warnings.warn(
+                f"use_tract=False, but the model is patched with TrAct ({current.describe()}, layers "
+                f"{', '.join(current.targets)}): removing TrAct so that this run is a plain baseline.",
+                stacklevel=3,
+            )
+            remove_tract(model)
+        return model
+    if current is None:
+        return apply_tract(model, TrActConfig(**options))
+    wanted = current.replace(**options)
+    if "targets" in options and set(wanted.targets) != set(current.targets):
+        logger.warning(
+            "TrAct: %s move TrAct from %s to %s.", source, ", ".join(current.targets), ", ".join(wanted.targets)
+        )
+        remove_tract(model)
+        return apply_tract(model, wanted)
+    wanted = wanted.replace(targets=current.targets)
+    if wanted != current:
+        logger.warning(
+            "TrAct: %s override the options the model was patched with: %s.", source, _describe_changes(current, wanted)
+        )
+        apply_tract(model, wanted)
+    else:
+        logger.info("TrAct: training with the model's patch (%s) on %s.", current.describe(), ", ".join(current.targets))
+    return model
 
 
 def _check_plain_trainer_args(args: TrainingArguments) -> None:
@@ -170,139 +346,120 @@ def _check_plain_trainer_args(args: TrainingArguments) -> None:
         )
 
 
-def _tract_parameters(model: nn.Module) -> dict[int, str]:
-    """`id(param) -> qualified name` for every parameter of the layers patched with TrAct."""
-    params = {}
-    for layer_name, layer in tract_layers(model).items():
-        for param_name, param in layer.named_parameters(recurse=False):
-            params[id(param)] = f"{layer_name}.{param_name}"
-    return params
+# ---------------------------------------------------------------------------------------------- statistics
 
 
-class CombinedOptimizer(torch.optim.Optimizer):
+class _TrActStatsCallback(TrainerCallback):
+    """Turns on the TrAct layers' statistics for the steps the Trainer will log (`tract_log_stats`).
+
+    The layers then append detached 0-d tensors in their backward pass; nothing is read on the host until
+    [`TrActTrainer.log`] writes the logs, so other steps gain no synchronisation and no extra kernel.
     """
-    Several optimizers stepped as one, so that Trainer, accelerate, LR schedulers, gradient
-    clipping and AMP grad scaling treat them as a single optimizer.
 
-    `param_groups` is the concatenation of the inner optimizers' group dicts (the same objects),
-    so a scheduler that sets `group["lr"]` changes the inner optimizers directly.
+    def __init__(self, trainer: "TrActTrainer"):
+        self.trainer = trainer
+        self.layers: list[nn.Module] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Looked up once per run: the patched layers do not change while training.
+        self.layers = list(tract_layers(self.trainer.model).values())
+
+    def _will_log(self, args, state) -> bool:
+        step = state.global_step + 1
+        if step == 1 and args.logging_first_step:
+            return True
+        return args.logging_strategy == IntervalStrategy.STEPS and step % max(state.logging_steps, 1) == 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        record = self._will_log(args, state)
+        for layer in self.layers:
+            layer.tract_record_stats = record
+            if record:
+                layer.tract_stats.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for layer in self.layers:
+            layer.tract_record_stats = False
+
+
+def collect_tract_stats(model: nn.Module) -> dict[str, float]:
+    """Read (and clear) the statistics the TrAct layers of `model` recorded.
 
     Args:
-        optimizers (`list[torch.optim.Optimizer]`):
-            The optimizers; the first one's first group is the one Trainer logs the learning rate of.
-    """
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        if not optimizers:
-            raise ValueError("CombinedOptimizer needs at least one optimizer.")
-        self.optimizers = list(optimizers)
-        # `Optimizer.__init__` appends the given group dicts themselves (it does not copy them).
-        super().__init__([group for opt in self.optimizers for group in opt.param_groups], {})
-
-    def _relink_param_groups(self) -> None:
-        # `Optimizer.load_state_dict` replaces an optimizer's group dicts by new ones.
-        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in self.optimizers:
-            opt.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        inner = state_dict.get("optimizers")
-        if inner is None or len(inner) != len(self.optimizers):
-            raise ValueError(
-                "This optimizer state was not saved by a CombinedOptimizer with the same number of optimizers "
-                "(was the run started with another `tract_optimizer`?)."
-            )
-        for opt, opt_state in zip(self.optimizers, inner):
-            opt.load_state_dict(opt_state)
-        self._relink_param_groups()
-
-    def __repr__(self) -> str:
-        inner = ",\n".join(f"  {opt!r}" for opt in self.optimizers)
-        return f"{type(self).__name__}(\n{inner}\n)"
-
-
-def split_tract_param_groups(
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    *,
-    learning_rate: float | None = None,
-    weight_decay: float | None = None,
-) -> list[dict[str, Any]]:
-    """
-    Take the TrAct layers' parameters out of `optimizer`'s groups and return them as new groups
-    that keep each original group's options (betas, weight decay or not, ...), with `lr` and a
-    non-zero `weight_decay` replaced when given.
-
-    Must run before the optimizer's first step (the moved parameters have no state yet). Each
-    returned group has `"name": "tract"`.
-
-    Args:
-        optimizer (`torch.optim.Optimizer`): A freshly built optimizer.
-        model (`nn.Module`): The model patched with TrAct whose parameters the optimizer holds.
-        learning_rate (`float`, *optional*): Learning rate of the new groups.
-        weight_decay (`float`, *optional*): Weight decay of the new groups that decay.
+        model (`nn.Module`): A patched model whose layers had `tract_record_stats` on.
 
     Returns:
-        `list[dict]`: The new groups, not yet added to any optimizer.
+        `dict[str, float]`: `tract/grad_norm_plain`, `tract/grad_norm` and `tract/condition_bound`, each the mean
+        over the recorded backward passes (key `tract/<layer name>/...` when several layers are patched).
     """
-    tract_params = _tract_parameters(model)
-    if not tract_params:
-        raise ValueError("The model has no TrAct layer: call `apply_tract(model)` first.")
-    if any(optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"]):
-        raise RuntimeError("split_tract_param_groups must run before the optimizer's first step.")
-    new_groups, found = [], set()
-    for group in optimizer.param_groups:
-        moved = [p for p in group["params"] if id(p) in tract_params]
-        if not moved:
+    layers = tract_layers(model)
+    logs = {}
+    for name, layer in layers.items():
+        records = layer.__dict__.get("_tract_stats") or []
+        if not records:
             continue
-        group["params"] = [p for p in group["params"] if id(p) not in tract_params]
-        found.update(id(p) for p in moved)
-        new_group = {key: value for key, value in group.items() if key not in ("params", "initial_lr")}
-        new_group["params"] = moved
-        new_group["name"] = "tract"
-        if learning_rate is not None:
-            new_group["lr"] = learning_rate
-        if weight_decay is not None and group.get("weight_decay", 0.0) > 0:
-            new_group["weight_decay"] = weight_decay
-        new_groups.append(new_group)
-    missing = [name for pid, name in tract_params.items() if pid not in found]
-    if missing:
-        raise ValueError(
-            f"The optimizer does not hold the TrAct parameters {missing}: they are frozen, or the optimizer "
-            "(e.g. a layer-wise or factory optimizer) does not use plain parameter groups. Leave "
-            "`tract_optimizer='same'` and `tract_learning_rate`/`tract_weight_decay` unset with such optimizers."
+        prefix = "tract/" if len(layers) == 1 else f"tract/{name}/"
+        for key, out in (("grad_norm_plain", "grad_norm_plain"), ("grad_norm_tract", "grad_norm"), ("condition_bound", "condition_bound")):
+            logs[prefix + out] = torch.stack([record[key] for record in records]).mean().item()
+        records.clear()
+    return logs
+
+
+# ---------------------------------------------------------------------------------------------- Trainer
+
+
+def _resume_with_converted_legacy_keys(trainer: Trainer, checkpoint: str, model: nn.Module) -> bool:
+    """Work around transformers 5.24 resuming with the initial weights of renamed tensors.
+
+    transformers 5 saves some models (ViT among them) under legacy key names and converts them back only in
+    `from_pretrained`; `Trainer._load_from_checkpoint` (5.24) loads the raw state dict instead, so resuming
+    keeps the *initial* weights of every renamed tensor and only logs the missing/unexpected keys.
+    `tests/test_trainer.py::test_transformers_still_needs_the_legacy_key_workaround` fails once transformers
+    converts the keys itself: then remove this function.
+
+    Args:
+        trainer (`Trainer`): The Trainer that resumes.
+        checkpoint (`str`): The checkpoint folder.
+        model (`nn.Module`): The model to load into.
+
+    Returns:
+        `bool`: Whether the weights were loaded here (`False`: let Trainer load them).
+    """
+    from transformers import PreTrainedModel
+
+    weights = os.path.join(checkpoint, "model.safetensors")
+    plain_path = not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and isinstance(model, PreTrainedModel)
+    if not (plain_path and os.path.isfile(weights)):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        saved_keys = set(f.keys())
+    if saved_keys == set(model.state_dict()):
+        return False
+    loaded = type(model).from_pretrained(checkpoint, config=model.config, dtype=model.dtype, use_safetensors=True)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"Could not load the weights of {checkpoint} into the model: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}."
         )
-    return new_groups
+    return True
 
 
 class TrActTrainer(Trainer):
     """
     A [`~transformers.Trainer`] that trains the model's first layer with TrAct.
 
-    The model is patched with [`apply_tract`] (λ, targets and `sync_gram` from
-    [`TrActTrainingArguments`]) when the Trainer is built, every time `model_init` builds a model
-    (also inside `train()`), and again in `create_optimizer` (idempotent: it picks up options that a
-    hyper-parameter search trial set on `args`). All of this happens before `accelerate` wraps the
-    model. Saved weights, `state_dict` keys and the forward pass are those of the plain model.
+    The model is patched once, before `accelerate` wraps it: the model given to `__init__`, and every model
+    `model_init` builds (in `__init__`, in `train()`, and for a hyper-parameter search trial once the trial's
+    values are on `args`). The [`TrActConfig`] used is the model's own patch with the `tract_*` arguments that
+    are given on top (see [`prepare_model_for_training`]). Saved weights, `state_dict` keys and the forward pass
+    are those of the plain model.
 
-    `save_model` also writes or updates the model card (`README.md`, `tract` tag, λ, layer names,
-    citation) without touching the rest of the card; `push_to_hub` writes the Trainer's card and
-    adds the TrAct section before uploading.
+    `save_model` also writes or updates the model card (`README.md`, `tract` tag, λ, layer names, citation)
+    without touching the rest of the card; `push_to_hub` writes the Trainer's card and adds the TrAct section
+    before uploading.
 
     Example:
 
@@ -319,36 +476,44 @@ class TrActTrainer(Trainer):
         if args is None:
             args = TrActTrainingArguments(output_dir="tmp_trainer")
         _check_plain_trainer_args(args)
-        if model is not None and args.use_tract:
+        check_distributed_setup(args)
+        if model is not None:
             # Before Trainer.__init__: it may already move the model, and a model it is given wrapped
             # (compiled, DDP) can only be rejected clearly here.
-            self._apply_tract_from_args(model, args)
+            self._prepare_model(model, args)
         super().__init__(model=model, args=args, **kwargs)
+        if args.tract_log_stats:
+            self.add_callback(_TrActStatsCallback(self))
 
     @staticmethod
-    def _apply_tract_from_args(model: nn.Module, args: TrActTrainingArguments) -> nn.Module:
-        return apply_tract(model, args.tract_lambda, args.tract_targets, sync_gram=args.tract_sync_gram)
+    def _prepare_model(model: nn.Module, args: TrActTrainingArguments) -> nn.Module:
+        return prepare_model_for_training(model, args.use_tract, args.tract_options)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
-        """Build the model with `model_init` and patch it with TrAct before Trainer places or wraps it."""
+        """Build the model with `model_init` and patch it with TrAct before Trainer places or wraps it.
+
+        For a hyper-parameter search trial the patch waits for `_hp_search_setup`, which sets the trial's
+        values on `args` right after this call.
+        """
         model = super().call_model_init(trial)
-        if self.args.use_tract:
-            self._apply_tract_from_args(model, self.args)
+        if trial is None or self.hp_search_backend is None:
+            self._prepare_model(model, self.args)
         return model
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        super()._hp_search_setup(trial)
+        if trial is not None and self.hp_search_backend is not None and self.model is not None:
+            self._prepare_model(self.model, self.args)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """
-        Build the optimizer as Trainer does, with the TrAct layer's parameters in their own groups
-        when `tract_learning_rate` / `tract_weight_decay` are set, or in a separate SGD optimizer
-        combined with the main one when `tract_optimizer="sgd"`.
+        Build the optimizer as Trainer does, with the TrAct layer's parameters in their own groups when
+        `tract_learning_rate` / `tract_weight_decay` are set, or in a separate SGD optimizer combined with the
+        main one when `tract_optimizer="sgd"`.
         """
         if self.optimizer is not None:
             return super().create_optimizer(model)
         args = self.args
-        if args.use_tract and not is_wrapped(self.model):
-            # Re-sync with `args` (idempotent): a hyper-parameter search trial sets its values on
-            # `args` after `model_init` ran.
-            self._apply_tract_from_args(self.model, args)
         optimizer = super().create_optimizer(model)
         if not args.use_tract:
             return optimizer
@@ -373,47 +538,23 @@ class TrActTrainer(Trainer):
         self.optimizer = optimizer
         return optimizer
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Trainer's `log`, with the TrAct statistics added to training logs when `tract_log_stats` is on."""
+        if self.args.tract_log_stats and "loss" in logs:
+            logs.update(collect_tract_stats(self.model))
+        super().log(logs, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """
-        Load the model weights of a checkpoint, also for models whose saved keys differ from their
-        module names.
-
-        transformers 5 saves some models (ViT among them) under legacy key names and converts them
-        back only in `from_pretrained`; `Trainer._load_from_checkpoint` (5.24) loads the raw state
-        dict instead, so resuming silently keeps the *initial* weights of every renamed tensor (it
-        only logs missing/unexpected keys). This loads such checkpoints through `from_pretrained`.
-        """
-        from transformers import PreTrainedModel
-
+        """Trainer's checkpoint loading, through [`_resume_with_converted_legacy_keys`] (transformers 5.24 bug)."""
         target = self.model if model is None else model
-        weights = os.path.join(resume_from_checkpoint, "model.safetensors")
-        plain_path = not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and isinstance(target, PreTrainedModel)
-        if plain_path and os.path.isfile(weights):
-            from safetensors import safe_open
-
-            with safe_open(weights, framework="pt") as f:
-                saved_keys = set(f.keys())
-            if saved_keys != set(target.state_dict()):
-                loaded = type(target).from_pretrained(
-                    resume_from_checkpoint, config=target.config, dtype=target.dtype, use_safetensors=True
-                )
-                result = target.load_state_dict(loaded.state_dict(), strict=False)
-                if result.missing_keys or result.unexpected_keys:
-                    raise RuntimeError(
-                        f"Could not load the weights of {resume_from_checkpoint} into the model: missing "
-                        f"{result.missing_keys}, unexpected {result.unexpected_keys}."
-                    )
-                return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _tract_unwrapped_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not _resume_with_converted_legacy_keys(self, resume_from_checkpoint, target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """
-        Save the plain weights as [`~transformers.Trainer.save_model`] does, then create or update the
-        TrAct section of `README.md` in `output_dir` (only when called by the user, not for
-        checkpoints, and only on the process that saves).
+        Save the plain weights as [`~transformers.Trainer.save_model`] does, then create or update the TrAct
+        section of `README.md` in `output_dir` (only when called by the user, not for checkpoints, and only on
+        the process that saves).
         """
         super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call and self.args.should_save:
@@ -421,8 +562,8 @@ class TrActTrainer(Trainer):
 
     def _update_tract_card(self, output_dir: str) -> None:
         # A `use_tract=False` baseline run gets the plain Trainer card, without a TrAct section.
-        model = self._tract_unwrapped_model()
-        if not is_tract_applied(model):
+        model = unwrap_model(self.model)
+        if tract_config_of(model) is None:
             return
         from .hub import create_or_update_model_card
 
@@ -432,57 +573,80 @@ class TrActTrainer(Trainer):
         """
         Write the Trainer's model card (hyper-parameters, results) and add the TrAct section and tag.
 
-        Trainer rewrites `README.md` from scratch here (as plain Trainer does); the TrAct section is
-        then inserted between its markers, so calling this repeatedly yields one section.
+        Trainer rewrites `README.md` from scratch here (as plain Trainer does); the TrAct section is then
+        inserted between its markers, so calling this repeatedly yields one section. Only the main process
+        writes.
         """
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
             self._update_tract_card(self.args.output_dir)
 
 
+# ---------------------------------------------------------------------------------------------- other Trainers
+
+
+def _options(config: TrActConfig | None, **options: Any) -> dict[str, Any]:
+    """`config`'s fields overridden by the given keyword options (`None` = not given); a number is λ."""
+    if isinstance(config, (int, float)) and not isinstance(config, bool) and options.get("lambda_") is None:
+        config, options["lambda_"] = None, config
+    if config is not None and not isinstance(config, TrActConfig):
+        raise TypeError(f"config must be a TrActConfig (or use the keyword options); got {config!r}.")
+    merged = {}
+    if config is not None:
+        merged = {"lambda_": config.lambda_, "targets": config.targets, "sync_gram": config.sync_gram}
+        merged["solve_dtype"] = config.solve_dtype
+        merged = {key: value for key, value in merged.items() if value is not None}
+    merged.update({key: value for key, value in options.items() if value is not None})
+    TrActConfig(**merged)  # validated now, not when training starts
+    return merged
+
+
 class TrActCallback(TrainerCallback):
     """
     Patch the model of any [`~transformers.Trainer`] (also a user's own subclass) with TrAct.
 
-    The patch is applied in `on_init_end`, which runs at the end of `Trainer.__init__`, before
-    `train()` lets accelerate wrap the model. Pass the callback to the constructor
-    (`Trainer(..., callbacks=[TrActCallback()])`): a callback added later with `add_callback`
-    misses `on_init_end`, and its `on_train_begin` comes after the wrapping, so it raises there
-    instead of training silently without TrAct.
+    The patch is applied in `on_init_end`, which runs at the end of `Trainer.__init__`, before `train()` lets
+    accelerate wrap the model. Pass the callback to the constructor (`Trainer(..., callbacks=[TrActCallback()])`):
+    a callback added later with `add_callback` misses `on_init_end`, and its `on_train_begin` comes after the
+    wrapping, so it raises there instead of training silently without TrAct.
 
-    Callbacks never see models built by `model_init` inside `train()`; wrap the function with
-    [`tract_model_init`] for that path (or use [`TrActTrainer`]).
+    Options: those given to the callback, then the `tract_*` fields of `args` when they are
+    [`TrActTrainingArguments`], override the model's own patch; unset ones keep it (or [`TrActConfig`]'s defaults).
+
+    Callbacks never see models built by `model_init` inside `train()`; wrap the function with [`tract_model_init`]
+    for that path (or use [`TrActTrainer`]).
 
     Args:
-        lambda_ (`float`, *optional*): λ. `None` reads `args.tract_lambda` (default 0.1).
-        target (`str` or `list[str]`, *optional*): Layer name(s). `None` reads `args.tract_target`
-            or discovers the first layer.
-        sync_gram (`bool`, *optional*): `None` reads `args.tract_sync_gram` (default `False`).
+        config ([`TrActConfig`], *optional*): All options at once.
+        lambda_ (`float`, *optional*): λ.
+        target (`str` or `list[str]`, *optional*): Layer name(s).
+        sync_gram (`bool`, *optional*): All-reduce the Gram across processes.
+        solve_dtype (`torch.dtype` or `str`, *optional*): dtype of the solve.
     """
 
     def __init__(
-        self, lambda_: float | None = None, target: str | list[str] | None = None, sync_gram: bool | None = None
+        self,
+        config: TrActConfig | None = None,
+        *,
+        lambda_: float | None = None,
+        target: str | list[str] | None = None,
+        sync_gram: bool | None = None,
+        solve_dtype: Any = None,
     ):
-        self.lambda_ = lambda_
-        self.target = target
-        self.sync_gram = sync_gram
-
-    def _options(self, args: TrainingArguments) -> tuple[float, str | list[str] | None, bool]:
-        lambda_ = self.lambda_ if self.lambda_ is not None else getattr(args, "tract_lambda", 0.1)
-        target = self.target if self.target is not None else _parse_targets(getattr(args, "tract_target", None))
-        sync_gram = self.sync_gram if self.sync_gram is not None else getattr(args, "tract_sync_gram", False)
-        return lambda_, target, sync_gram
+        self.options = _options(config, lambda_=lambda_, targets=target, sync_gram=sync_gram, solve_dtype=solve_dtype)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is None or not getattr(args, "use_tract", True):
+        if model is None:
             return
-        lambda_, target, sync_gram = self._options(args)
-        apply_tract(model, lambda_, target, sync_gram=sync_gram)
+        check_distributed_setup(args)
+        options = dict(getattr(args, "tract_options", {}))
+        options.update(self.options)
+        prepare_model_for_training(model, getattr(args, "use_tract", True), options, source="TrActCallback options")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or not getattr(args, "use_tract", True):
             return
-        if not is_tract_applied(model):
+        if tract_config_of(model) is None:
             raise RuntimeError(
                 "TrActCallback: the model is not patched with TrAct at the start of training. Pass the callback "
                 "to the Trainer constructor (`callbacks=[TrActCallback()]`) so it patches the model before "
@@ -492,38 +656,47 @@ class TrActCallback(TrainerCallback):
 
 def tract_model_init(
     model_init: Callable[..., nn.Module],
-    lambda_: float = 0.1,
-    target: str | list[str] | None = None,
+    config: TrActConfig | None = None,
     *,
-    sync_gram: bool = False,
+    lambda_: float | None = None,
+    target: str | list[str] | None = None,
+    sync_gram: bool | None = None,
+    solve_dtype: Any = None,
 ) -> Callable[..., nn.Module]:
     """
     Wrap a Trainer `model_init` so that every model it builds is patched with TrAct.
 
-    For users of a plain or custom `Trainer` with `model_init` (hyper-parameter search): Trainer
-    rebuilds the model inside `train()`, before wrapping it, by calling this function.
+    For users of a plain or custom `Trainer` with `model_init` (hyper-parameter search): Trainer rebuilds the
+    model inside `train()`, before wrapping it, by calling this function.
 
     Args:
         model_init (`Callable`): The original `model_init`, with zero or one (`trial`) argument.
-        lambda_ (`float`, defaults to 0.1): λ.
+        config ([`TrActConfig`], *optional*): All options at once (a number is read as `lambda_`).
+        lambda_ (`float`, *optional*): λ (default 0.1).
         target (`str` or `list[str]`, *optional*): Layer name(s); `None` discovers the first layer.
-        sync_gram (`bool`, defaults to `False`): All-reduce the Gram across processes.
+        sync_gram (`bool`, *optional*): All-reduce the Gram across processes (default off).
+        solve_dtype (`torch.dtype` or `str`, *optional*): dtype of the solve (default automatic).
 
     Returns:
         `Callable`: A `model_init` with the same number of arguments.
     """
+    options = _options(config, lambda_=lambda_, targets=target, sync_gram=sync_gram, solve_dtype=solve_dtype)
+
+    def patch(model: nn.Module) -> nn.Module:
+        return apply_tract(model, TrActConfig(**options))
+
     # Trainer dispatches on the number of arguments (0 or 1), so the wrapper must keep it.
     if number_of_arguments(model_init) == 0:
 
         @functools.wraps(model_init)
         def wrapped():
-            return apply_tract(model_init(), lambda_, target, sync_gram=sync_gram)
+            return patch(model_init())
 
     else:
 
         @functools.wraps(model_init)
         def wrapped(trial):
-            return apply_tract(model_init(trial), lambda_, target, sync_gram=sync_gram)
+            return patch(model_init(trial))
 
     # `functools.wraps` sets `__wrapped__`, which `inspect.signature` would follow to the original.
     wrapped.__signature__ = inspect.signature(wrapped, follow_wrapped=False)
@@ -537,4 +710,7 @@ __all__ = [
     "CombinedOptimizer",
     "split_tract_param_groups",
     "tract_model_init",
+    "prepare_model_for_training",
+    "check_distributed_setup",
+    "collect_tract_stats",
 ]

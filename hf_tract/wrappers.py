@@ -1,4 +1,4 @@
-"""The one place that looks through model wrappers (DDP, DataParallel, FSDP, DeepSpeed, ``torch.compile``)."""
+"""The one place that looks through model wrappers (DDP, DataParallel, FSDP, DeepSpeed, `torch.compile`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def unwrap_for_patching(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` / ``DataParallel``; refuses wrappers that
+    """The model inside `DistributedDataParallel` / `DataParallel`; refuses wrappers that
     TrAct cannot be applied through.
 
     Raises:
-        RuntimeError: for ``torch.compile``, FSDP and DeepSpeed wrappers (patch before wrapping).
+        RuntimeError: for `torch.compile`, FSDP and DeepSpeed wrappers (patch before wrapping).
     """
     fix = "Call apply_tract(model) on the plain model first, then torch.compile / accelerator.prepare / wrap it."
     if _is_compiled(model):

@@ -20,14 +20,47 @@ def _env() -> dict:
     return env
 
 
-def _run(command: list, timeout: int = 300) -> None:
-    proc = subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(command: list, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, env={**_env(), **env}, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
 
 
-def torchrun(script: str, *args: str, nproc: int = 2) -> None:
+def torchrun(script: str, *args: str, nproc: int = 2, **env) -> subprocess.CompletedProcess:
     # --standalone: rendezvous on localhost with a free port, so parallel runs do not collide.
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPTS / script), *args])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return _run([*command, str(SCRIPTS / script), *args], **env)
+
+
+EXAMPLE_ARGS = [
+    "--config_overrides", "image_size=28,patch_size=7,num_channels=1,hidden_size=32,num_hidden_layers=1,"
+    "num_attention_heads=2,intermediate_size=64",
+    "--max_train_samples", "64", "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
+    "--num_train_epochs", "1", "--logging_steps", "1", "--report_to", "none", "--log_level", "info",
+]  # fmt: skip
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_example_under_torchrun_without_gpu_is_ddp(tmp_path):
+    """`torchrun --nproc_per_node 2 examples/train_image_classification.py` on CPU (no `--use_cpu`): one model
+    trained by both processes (same weights, half the steps of one process), one result line, one card."""
+    out = tmp_path / "out"
+    proc = torchrun(
+        "run_example.py", str(tmp_path / "records"), "--", "--output_dir", str(out), *EXAMPLE_ARGS,
+        CUDA_VISIBLE_DEVICES="",
+    )  # fmt: skip
+    records = [json.loads((tmp_path / "records" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in records] == [2, 2] and records[0]["parallel_mode"] == "distributed"
+    # 64 images, 16 per process: 4 steps in one process, 2 in DDP over 2.
+    assert [r["global_step"] for r in records] == [2, 2]
+    assert records[0]["weight_sha256"] == records[1]["weight_sha256"]
+    output = proc.stdout + proc.stderr
+    assert output.count("accuracy on the 'test' split") == 1  # only the main process prints the result
+    assert output.count("applied to the first layer") == 1
+    assert output.count("training with CPU DDP") == 1
+    assert "process group is initialized, but parallel_mode" not in output
+    assert "- tract" in (out / "README.md").read_text()
 
 
 @pytest.mark.multiproc
@@ -101,6 +134,17 @@ def test_accelerate_configs_load(name):
     assert config.num_processes == raw["num_processes"]
     if raw["distributed_type"] == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
+    if raw["num_machines"] == 1:
+        # Not a machine-specific count such as 8: the header says to set it (or pass --num_processes).
+        header = (CONFIGS / name).read_text().split("compute_environment")[0]
+        assert raw["num_processes"] == 1 or (raw["num_processes"] == 2 and "num_processes" in header)
+
+
+def test_cpu_multi_process_config_starts_several_processes():
+    """accelerate starts several local processes only through its multi-GPU launcher (MULTI_CPU or --cpu start
+    one); without GPUs TrActTrainingArguments then turns on use_cpu, i.e. CPU DDP."""
+    raw = yaml.safe_load((CONFIGS / "cpu_multi_process.yaml").read_text())
+    assert raw["distributed_type"] == "MULTI_GPU" and raw["num_processes"] == 2 and raw["use_cpu"] is True
 
 
 @pytest.mark.multiproc

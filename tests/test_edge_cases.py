@@ -8,12 +8,12 @@ import torch.nn as nn
 
 from hf_tract import apply_tract
 
+from tests.multiproc.tiny import conv_stem
+
 from .oracle import patch_matrix_reference, relative_error, tract_grad_reference
 
 
-def _stem():
-    torch.manual_seed(0)
-    return nn.Conv2d(3, 8, 4, stride=2, padding=1, bias=False)
+_stem = conv_stem
 
 
 def _both_grads(pixels, layer=None, dtype=torch.float32):

@@ -244,3 +244,62 @@ def test_inspect_grouped_conv_gram_size():
     assert gram_size(torch.nn.Conv2d(6, 12, kernel_size=3, groups=3)) == (2 * 9, 3)
     assert gram_size(torch.nn.Conv1d(4, 8, kernel_size=5)) == (20, 1)
     assert gram_size(torch.nn.Linear(48, 7)) == (48, 1)
+
+
+# --- What the examples share and need -------------------------------------------------------------------
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "examples"))  # train_no_trainer imports train_image_classification
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+
+
+def test_no_trainer_defaults_are_the_main_scripts():
+    """train_no_trainer.py trains what the main script trains by default (it once said so and ran 5 epochs, not 15)."""
+    import dataclasses
+
+    main = _load_example("train_image_classification")
+    loop = _load_example("train_no_trainer")
+    defaults = {f.name: f.default for f in dataclasses.fields(loop.LoopArguments)}
+    for key in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
+                "weight_decay", "lr_scheduler_type", "seed"):  # fmt: skip
+        assert defaults[key] == main.DEFAULT_TRAINING_ARGS[key], key
+    assert defaults["warmup_ratio"] == main.DEFAULT_TRAINING_ARGS["warmup_steps"]
+    assert defaults["num_train_epochs"] == 15
+    # TrAct options left to TrActConfig's defaults (λ's default lives there only).
+    assert defaults["tract_lambda"] is None and defaults["tract_solve_dtype"] is None
+
+
+def test_examples_extra_installs_what_the_examples_import():
+    import ast
+    import tomllib
+
+    import transformers
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {r.split(">")[0].split("=")[0].split("[")[0].strip().lower() for r in reqs}  # noqa: E731
+    installed = names(project["dependencies"]) | names(project["optional-dependencies"]["examples"])
+    distribution = {"PIL": "pillow", "yaml": "pyyaml"}
+    local = {"hf_tract", "train_image_classification"}
+    for script in (REPO / "examples").rglob("*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top in local:
+                    continue
+                assert distribution.get(top, top).lower() in installed, f"{script.name} imports {top}"
+    # The image processor the examples build needs torchvision (transformers falls back with a warning without).
+    backends = [cls.__name__ for cls in transformers.ViTImageProcessor.__mro__]
+    assert "TorchvisionBackend" in backends and "torchvision" in installed

@@ -26,12 +26,13 @@ Text the user wrote, which must survive.
 
 
 def test_new_card_from_model(tmp_path):
-    model = apply_tract(tiny_vit(), 0.05, sync_gram=True)
+    model = apply_tract(tiny_vit(), lambda_=0.05, sync_gram=True, solve_dtype=torch.float32)
     card = create_or_update_model_card(tmp_path, model=model)
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.tags == ["tract"] and loaded.data.library_name == "transformers"
     assert "| λ (`tract_lambda`) | 0.05 |" in loaded.text
     assert f"`{FIRST_LAYER}`" in loaded.text and "(`tract_sync_gram`) | yes |" in loaded.text
+    assert "(`tract_solve_dtype`) | float32 |" in loaded.text  # read from the layer's TrActConfig
     assert TRACT_BIBTEX in loaded.text and "arxiv.org/abs/2410.23970" in loaded.text
     assert card.content == loaded.content
 
@@ -44,7 +45,7 @@ def test_update_keeps_user_text_and_is_idempotent(tmp_path):
     create_or_update_model_card(tmp_path, model=model)
     assert (tmp_path / "README.md").read_text() == first  # same settings: byte-identical
 
-    apply_tract(model, 0.2)  # λ changed: the section is replaced, not appended
+    apply_tract(model, lambda_=0.2)  # λ changed: the section is replaced, not appended
     create_or_update_model_card(tmp_path, model=model)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.text.count(SECTION_END) == 1
@@ -60,6 +61,7 @@ def test_settings_from_args_and_overrides(tmp_path):
     )  # fmt: skip
     card = create_or_update_model_card(tmp_path, model=tiny_vit(), args=args)  # model not patched: from args
     assert "| 0.2 |" in card.text and "`a.b`, `c.d`" in card.text and "SGD (lr 0.5" in card.text
+    assert "(`tract_solve_dtype`) | auto |" in card.text
     card = create_or_update_model_card(tmp_path, lambda_=0.3, layers=["x"], sync_gram=True)
     assert "| 0.3 |" in card.text and "`x`" in card.text and "| yes |" in card.text
     with pytest.raises(ValueError, match="No TrAct settings"):

@@ -12,28 +12,15 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from hf_tract import apply_tract, find_first_layer, find_first_layers, is_tract_applied, remove_tract, tract_layers
 from hf_tract.modules import TrActConv2d
 from hf_tract.targets import FirstLayerNotFoundError
+from tests.multiproc.tiny import tiny_resnet
+from tests.multiproc.tiny import tiny_rgb_vit as tiny_vit
 
 VIT_PATH = "vit.embeddings.patch_embeddings.projection"
-
-
-def tiny_vit(**overrides):
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=16, num_labels=3, **overrides,
-    )
-    return ViTForImageClassification(config)
-
-
-def tiny_resnet():
-    torch.manual_seed(0)
-    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
-    return ResNetForImageClassification(config)
 
 
 def test_find_first_layer_without_patching():
@@ -75,6 +62,8 @@ def test_remove_is_an_exact_undo():
     layer = model.vit.embeddings.patch_embeddings.projection
     attributes = set(vars(layer))
     apply_tract(model, sync_gram=True)
+    layer.tract_record_stats = True  # what the Trainer's statistics set
+    layer.tract_stats.append({})
     remove_tract(model)
     assert type(layer) is nn.Conv2d
     assert set(vars(layer)) == attributes
@@ -125,9 +114,15 @@ def test_probe_finds_first_layer_of_unknown_model():
     assert sorted(tract_layers(model)) == ["left", "right"]
 
 
-@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf"), True, "0.1"])
+@pytest.mark.parametrize("bad", [0, -0.1, float("nan"), float("inf")])
 def test_bad_lambda_is_a_value_error(bad):
     with pytest.raises(ValueError, match="finite number > 0"):
+        apply_tract(tiny_vit(), lambda_=bad)
+
+
+@pytest.mark.parametrize("bad", [True, "0.1"])
+def test_lambda_of_the_wrong_type_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="must be a float"):
         apply_tract(tiny_vit(), lambda_=bad)
 
 

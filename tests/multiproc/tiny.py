@@ -1,4 +1,7 @@
-"""Tiny ViT and synthetic image data shared by the Trainer tests and the multi-process scripts."""
+"""Tiny models and synthetic image data shared by the tests (through tests/conftest.py) and the multi-process scripts.
+
+Plain functions in a module, not fixtures, because the scripts under tests/multiproc run outside pytest.
+"""
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
@@ -56,3 +59,28 @@ def trainer_kwargs(**overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def tiny_rgb_vit(**overrides) -> ViTForImageClassification:
+    """A 3-channel, 1-layer ViT (16x16 images, 4x4 patches): discovery and patching tests."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, num_labels=NUM_LABELS, **overrides,
+    )  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+def tiny_resnet():
+    """A 1-channel, 2-stage ResNet: a conv stem found by the registry."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
+    return ResNetForImageClassification(config)
+
+
+def conv_stem() -> torch.nn.Conv2d:
+    """A bare strided, padded conv (3 -> 8 channels, kernel 4), patched with `target=""`."""
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, 8, 4, stride=2, padding=1, bias=False)
