@@ -223,15 +223,17 @@ def _signature(module: nn.Module):
     return {}
 
 
-def _pixel_arguments(module: nn.Module) -> list[str]:
-    """The forward arguments that take pixels: known names, then ``main_input_name``, else the first one."""
+def _pixel_arguments(module: nn.Module, is_root: bool = True) -> list[str]:
+    """The forward arguments that take pixels: known names and ``main_input_name``; for the model
+    itself (not a tower inside it), else its first argument (``forward(x)``, ``forward(hidden_states,
+    grid_thw)`` of pre-patchified towers)."""
     parameters = _signature(module)
     names = [name for name in parameters if name in _PIXEL_ARGUMENTS or ("pixel" in name and name not in _NOT_PIXELS)]
     main = getattr(module, "main_input_name", None)
     for name in [main] if isinstance(main, str) else list(main or []):
         if name in parameters and name not in names and not name.endswith("input_ids"):
             names.append(name)
-    if not names and not hasattr(module, "main_input_name"):
+    if not names and is_root:
         first = next(iter(parameters.values()), None)
         if first is not None and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD, first.VAR_POSITIONAL):
             names = [first.name]
@@ -263,6 +265,8 @@ class _Sizes:
         self.vocab = vocab if isinstance(vocab, int) and vocab > 1 else 2
         task_length = _config_value(configs, ("task_seq_len",))
         self.task_length = task_length if isinstance(task_length, int) else _TEXT_LENGTH
+        tiles = _config_value(configs, ("max_num_tiles",))
+        self.tiles = tiles if isinstance(tiles, int) else 1
         self.dtype, self.device = _parameter_dtype_device(root)
 
 
@@ -271,7 +275,7 @@ def _token_ids(sizes: _Sizes, rows: int = 1, length: int = _TEXT_LENGTH) -> torc
     return ids.clamp(max=sizes.vocab - 1).repeat(rows, 1).to(sizes.device)
 
 
-def _pixels_for(name: str, parameters, sizes: _Sizes, video_layout: str) -> torch.Tensor:
+def _pixels_for(name: str, parameters, sizes: _Sizes, layout: str) -> torch.Tensor:
     """A batch-1 dummy for the pixel argument ``name``, in the layout its model family takes."""
     generator = torch.Generator().manual_seed(0)
     c, (h, w) = sizes.channels, sizes.size
@@ -289,10 +293,11 @@ def _pixels_for(name: str, parameters, sizes: _Sizes, video_layout: str) -> torc
         return randn(side * side, c * sizes.temporal_patch * sizes.patch**2)
     if "spatial_shapes" in parameters:  # SigLIP2-style: (B, patches, C*p*p)
         return randn(1, _GRID_SIDE**2, c * sizes.patch**2)
-    if sizes.frames or "video" in name:
-        frames = sizes.frames or 2
-        return randn(1, frames, c, h, w) if video_layout == "TCHW" else randn(1, c, frames, h, w)
-    return randn(1, c, h, w)
+    if "aspect_ratio_ids" in parameters:  # Mllama: (B, images, tiles, C, H, W)
+        return randn(1, 1, sizes.tiles, c, h, w)
+    frames = sizes.frames or 2
+    shapes = {"TCHW": (1, frames, c, h, w), "CTHW": (1, c, frames, h, w), "PCHW": (1, 2, c, h, w)}
+    return randn(*shapes.get(layout, (1, c, h, w)))
 
 
 def _other_argument(name: str, pixels: torch.Tensor, sizes: _Sizes, ids_rows: int = 1):
@@ -314,18 +319,23 @@ def _other_argument(name: str, pixels: torch.Tensor, sizes: _Sizes, ids_rows: in
     if name.endswith("attention_mask") or name.endswith("token_type_ids"):
         fill = torch.ones if name.endswith("attention_mask") else torch.zeros
         return fill((ids_rows, _TEXT_LENGTH), dtype=torch.long, device=device)
+    if name == "aspect_ratio_ids":
+        return torch.ones((1, 1), dtype=torch.long, device=device)
+    if name == "aspect_ratio_mask":
+        return torch.ones((1, 1, sizes.tiles), dtype=torch.long, device=device)
     if name == "classes_structure":  # OmDet-Turbo: number of class prompts per image
         return torch.tensor([ids_rows], device=device)
     return None
 
 
-def _inputs_for(module: nn.Module, root: nn.Module, image_size: Optional[int], module_path: str = "") -> list[ProbeInput]:
-    """Candidate inputs for ``module``, most complete first: pixels plus every text/task argument
-    its forward has, then pixels plus the required ones only, then the other video layout."""
+def _inputs_for(module: nn.Module, root: nn.Module, image_size: Optional[int], module_path: str = ""):
+    """Candidate inputs for ``module`` (built lazily), most complete first: pixels plus every
+    text/task argument its forward has, then pixels plus the required ones only; per layout
+    (videos: frames first, then channels first; images: single, then pairs)."""
     parameters = _signature(module)
-    pixel_names = _pixel_arguments(module)
+    pixel_names = _pixel_arguments(module, is_root=module is root)
     if not pixel_names:
-        return []
+        return
     sizes = _Sizes(module, root, image_size)
     required = [
         name for name, p in parameters.items()
@@ -335,8 +345,12 @@ def _inputs_for(module: nn.Module, root: nn.Module, image_size: Optional[int], m
     texts = [name for name in parameters if name.endswith("input_ids") or name == "task_inputs"]
     masks = [name.replace("input_ids", "attention_mask") for name in texts if name.endswith("input_ids")]
     optional = [name for name in (*texts, *masks) if name in parameters and name not in required]
-    layouts = ["TCHW", "CTHW"] if sizes.frames or any("video" in n for n in pixel_names) else ["TCHW"]
-    candidates = []
+    if any("video" in name for name in pixel_names):
+        layouts = ["TCHW", "CTHW"]
+    elif sizes.frames:  # frames in a config: a video model, or an image model with a video sub-config
+        layouts = ["TCHW", "CTHW", "CHW"]
+    else:  # an image; image pairs (keypoint matching) last
+        layouts = ["CHW", "PCHW"]
     for layout in layouts:
         for extra in ([*required, *optional], required) if optional else (required,):
             pixels = {name: _pixels_for(name, parameters, sizes, layout) for name in pixel_names}
@@ -349,10 +363,7 @@ def _inputs_for(module: nn.Module, root: nn.Module, image_size: Optional[int], m
             head = next(iter(parameters.values()), None)
             if head is not None and head.kind in (head.POSITIONAL_ONLY, head.VAR_POSITIONAL):
                 args = (kwargs.pop(head.name),) if head.name in kwargs else (kwargs.pop(pixel_names[0]),)
-            candidate = ProbeInput(args, kwargs, tuple(pixels.values()), module_path)
-            if all(candidate.kwargs.keys() != c.kwargs.keys() or layout != "TCHW" for c in candidates):
-                candidates.append(candidate)
-    return candidates
+            yield ProbeInput(args, kwargs, tuple(pixels.values()), module_path)
 
 
 def candidate_inputs(model: nn.Module, *, image_size: Optional[int] = None, towers: bool = True):
@@ -383,10 +394,9 @@ def candidate_inputs(model: nn.Module, *, image_size: Optional[int] = None, towe
             continue
         if not any(n in _signature(module) for n in _PIXEL_ARGUMENTS if n not in ("x", "input", "inputs")):
             continue
-        tower_inputs = _inputs_for(module, model, image_size, path)
-        if tower_inputs:
+        if _pixel_arguments(module, is_root=False):
             count += 1
-            yield from tower_inputs
+            yield from _inputs_for(module, model, image_size, path)
 
 
 def _user_inputs(example_inputs: ExampleInputs, model: nn.Module) -> ProbeInput:
@@ -415,14 +425,17 @@ def _user_inputs(example_inputs: ExampleInputs, model: nn.Module) -> ProbeInput:
 
 
 _VALUE_FREE = ("size", "dim", "numel", "shape", "dtype", "device", "is_floating_point", "is_contiguous", "stride")
+# Functions whose other tensor arguments give only a dtype, device or shape: ``x.to(pixels)`` is not pixels.
+_FIRST_ARGUMENT_ONLY = ("to", "type_as", "view_as", "reshape_as", "expand_as")
 
 
 class _PixelTracker(TorchFunctionMode):
     """Marks the tensors derived from the pixels, without an autograd graph and without keeping any
     tensor alive (weak references): the output of a torch function is marked when one of its inputs
     is (in-place ops and ``__setitem__`` mark the tensor they write, and its base when it is a view),
-    except outputs of weight layers (Conv/Linear/Embedding: unmarked by a forward hook) and of
-    functions that read only shapes (``*_like``, ``new_*``)."""
+    except outputs of weight layers (Conv/Linear/Embedding: unmarked by a forward hook), of
+    functions that read only shapes (``*_like``, ``new_*``) and of integer / bool results (indices,
+    masks: no gradient would flow through them either); ``x.to(pixels)`` follows ``x`` only."""
 
     def __init__(self):
         super().__init__()
@@ -448,7 +461,7 @@ class _PixelTracker(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _VALUE_FREE or name.endswith("_like") or name.startswith("new_"):
             return output
-        if self.is_marked((args, kwargs)):
+        if self.is_marked(args[:1] if name in _FIRST_ARGUMENT_ONLY else (args, kwargs)):
             for value in tree_leaves(output):
                 if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
                     self.mark(value)
