@@ -31,10 +31,10 @@ RECORDS = zoo.load_records()
 
 
 
-# The records run by `-m "not slow"`: one per kind of first layer (patchify conv, CNN stem, weight-
-# standardised conv, Conv3d on video, Linear on pre-patchified pixels, two Linears after a LayerNorm).
+# The records run by `-m "not slow"`: one per kind of first layer (patchify conv, CNN stem, Conv3d
+# on video, two Linears after a LayerNorm).
 # Every other record is marked slow (still run in CI: the whole table is the test).
-FAST = {"vit", "resnet", "bit", "videomae", "siglip2", "perceiver:fourier"}
+FAST = {"vit", "resnet", "videomae", "perceiver:fourier"}
 
 
 SLOW = set(RECORDS) - FAST
