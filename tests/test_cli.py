@@ -29,9 +29,10 @@ def _json(capsys, model, *argv):
     "model_type, model_class, target",
     [
         ("videomae", "VideoMAEForVideoClassification", "videomae.embeddings.patch_embeddings.projection"),
-        ("vjepa2", "VJEPA2ForVideoClassification", "vjepa2.encoder.embeddings.patch_embeddings.proj"),
-        ("xclip", "XCLIPModel", "vision_model.embeddings.patch_embedding"),
-        ("owlvit", "OwlViTModel", "vision_model.embeddings.patch_embedding"),
+        pytest.param("vjepa2", "VJEPA2ForVideoClassification", "vjepa2.encoder.embeddings.patch_embeddings.proj", marks=pytest.mark.slow),
+        # Text towers index with token ids (.item()): no meta forward, the CPU fallback runs a full-size model.
+        pytest.param("xclip", "XCLIPModel", "vision_model.embeddings.patch_embedding", marks=pytest.mark.slow),
+        pytest.param("owlvit", "OwlViTModel", "vision_model.embeddings.patch_embedding", marks=pytest.mark.slow),
         ("vit", "ViTForImageClassification", "vit.embeddings.patch_embeddings.projection"),
     ],
 )
@@ -73,6 +74,7 @@ def test_hub_id_offline_is_one_line(capsys, monkeypatch):
     assert "HF_HUB_OFFLINE" in err
 
 
+@pytest.mark.slow  # a subprocess importing torch and transformers
 def test_usage_error_is_one_line_and_exit_code_2():
     result = subprocess.run(
         [sys.executable, "-m", "hf_tract.cli", "inspect", "vit", "--batch_size", "many"],
