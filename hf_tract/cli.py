@@ -17,6 +17,8 @@ hf-tract inspect ./my-checkpoint --json
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import math
 import os
@@ -26,7 +28,17 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .targets import find_first_layers
+from .functional import PatchGeometry, num_patch_rows
+from .targets import candidate_inputs, find_first_layers
+
+try:  # the one validated description of a TrAct setup (hf_tract/config.py)
+    from .config import TrActConfig
+except ImportError:  # pragma: no cover - older tree without hf_tract.config
+    TrActConfig = None
+
+
+class InspectError(Exception):
+    """An error `hf-tract inspect` reports as one line (exit code 2)."""
 
 
 @dataclass
@@ -69,21 +81,15 @@ def gram_size(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"TrAct supports nn.Linear and nn.Conv1d/2d/3d layers, not {type(layer).__name__}")
 
 
-def _config_of(model: nn.Module):
-    config = getattr(model, "config", None)
-    return getattr(config, "vision_config", None) or config
-
-
-def example_pixels(model: nn.Module, image_size: int | None = None) -> torch.Tensor:
-    """One random image of the size the model's config says (or `image_size`, or 224)."""
-    config = _config_of(model)
-    size = image_size or getattr(config, "image_size", None) or 224
-    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return torch.randn(1, getattr(config, "num_channels", 3), height, width)
+def layer_geometry(layer: nn.Module) -> PatchGeometry:
+    """The patch geometry of a Linear / ConvNd layer."""
+    if isinstance(layer, nn.Linear):
+        return PatchGeometry.linear()
+    return PatchGeometry.conv(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
 
 
 def inspect_model(
-    model: nn.Module, batch_size: int = 128, image_size: int | None = None
+    model: nn.Module, batch_size: int = 128, image_size: int | None = None, quiet: bool = False
 ) -> tuple[list[FirstLayerReport], float | None]:
     """Describe the layers TrAct would train, from one no-grad forward pass on a random image.
 
@@ -91,6 +97,7 @@ def inspect_model(
         model: The model (plain, not patched).
         batch_size: Images per training step (per process) for the cost estimate.
         image_size: Input side in pixels (default: the config's `image_size`, else 224).
+        quiet: Do not print a note when no example forward ran.
 
     Returns:
         `(reports, model_train_gflops)`: one [`FirstLayerReport`] per layer, and the whole model's training
@@ -101,33 +108,48 @@ def inspect_model(
 
     layers = find_first_layers(model)
     rows_per_image: dict[str, int] = {}
+    images = 1  # the example inputs hold one image / video
 
     def record(name):
         def hook(module, args, output):
-            x = args[0]
-            if isinstance(module, nn.Linear):
-                rows_per_image[name] = x.numel() // x.shape[-1] // pixels.shape[0]
-            else:
-                rows_per_image[name] = math.prod(output.shape[2:])
+            if args and isinstance(args[0], torch.Tensor):
+                rows_per_image[name] = num_patch_rows(args[0], layer_geometry(module)) // images
 
         return hook
 
-    pixels = example_pixels(model, image_size)
     handles = [module.register_forward_hook(record(name)) for name, module in layers]
-    model_forward_flops = None
+    model_forward_flops, error, pixels, forward_ran = None, None, None, False
+    was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            if hasattr(model, "main_input_name"):
-                model(**{model.main_input_name: pixels})
-            else:
-                model(pixels)
-        model_forward_flops = counter.get_total_flops()
-    except Exception as error:  # any model-specific input requirement: fall back to the layer alone
-        print(f"note: the example forward pass failed ({error!r}); patch rows estimated from the layer", file=sys.stderr)
+        for candidate in candidate_inputs(model, image_size=image_size, towers=False):
+            rows_per_image.clear()
+            pixels = pixels if pixels is not None else candidate.pixels[0]
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    candidate.run(model)
+                model_forward_flops = counter.get_total_flops()
+            except Exception as exc:  # noqa: BLE001 - model-specific input requirement: try the next one
+                error = error or exc
+                # Some forwards run but not under the FLOP counter's module tracker: rows without FLOPs.
+                rows_per_image.clear()
+                try:
+                    with torch.no_grad():
+                        candidate.run(model)
+                except Exception:  # noqa: BLE001
+                    continue
+            forward_ran, pixels = True, candidate.pixels[0]
+            break
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
+    if not forward_ran and not quiet:
+        print(
+            f"note: no example forward pass ran ({type(error).__name__ if error else 'no input'}: {error}); "
+            "patch rows estimated from the layer",
+            file=sys.stderr,
+        )
 
     reports = []
     for name, layer in layers:
@@ -135,7 +157,7 @@ def inspect_model(
         out_per_group = layer.weight.shape[0] // groups
         rows = rows_per_image.get(name)
         if rows is None:
-            rows = _rows_from_geometry(layer, pixels.shape[2:])
+            rows = _rows_from_geometry(layer, pixels, image_size)
         rows_per_step = batch_size * rows
         reports.append(
             FirstLayerReport(
@@ -158,38 +180,84 @@ def inspect_model(
     return reports, model_train_gflops
 
 
-def _rows_from_geometry(layer: nn.Module, spatial: tuple[int, ...]) -> int:
-    """Output positions of a conv for an input of spatial size `spatial` (1 for a Linear on pooled input)."""
+def _rows_from_geometry(layer: nn.Module, pixels: torch.Tensor | None, image_size: int | None) -> int:
+    """Patch rows of one image for a conv fed the image directly (1 for a Linear on pooled input)."""
     if isinstance(layer, nn.Linear):
         return 1
-    spatial = spatial[-len(layer.kernel_size) :]
-    if layer.padding == "same":
-        return math.prod(spatial)
-    padding = (0,) * len(spatial) if layer.padding == "valid" else layer.padding
-    return math.prod(
-        (s + 2 * p - d * (k - 1) - 1) // st + 1
-        for s, k, p, d, st in zip(spatial, layer.kernel_size, padding, layer.dilation, layer.stride)
-    )
+    side = image_size or 224
+    spatial = pixels.shape[-len(layer.kernel_size) :] if pixels is not None else (side,) * len(layer.kernel_size)
+    x = torch.empty((1, layer.in_channels, *spatial), device="meta")
+    return num_patch_rows(x, layer_geometry(layer))
 
 
-def load_model_for_inspection(model: str, trust_remote_code: bool = False, revision: str | None = None) -> nn.Module:
-    """Build a model with random weights from a local folder's, a Hub repository's or a model type's config.
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
-    Only the config is read (no weights are downloaded). Code from the Hub runs only with
-    `trust_remote_code=True`.
+
+def load_config_for_inspection(model: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The config of a local folder, a known transformers model type, or a Hub repository, in that order.
+
+    A name that is neither a folder, nor a model type, nor an `owner/name` Hub id fails at once with
+    the closest model types (no Hub call); with `HF_HUB_OFFLINE=1` only cached Hub configs are read.
+
+    Raises:
+        InspectError: With one line saying what was tried and what to do.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if not os.path.isdir(model) and model in CONFIG_MAPPING:
-        config = AutoConfig.for_model(model)
-    else:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+    if os.path.isdir(model):
+        try:
+            return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            raise InspectError(f"{model!r} is a folder but has no readable config.json ({type(exc).__name__}: {exc})") from None
+    if model in CONFIG_MAPPING:
+        return AutoConfig.for_model(model)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.path.exists(model):
+        raise InspectError(f"{model!r} is not a folder with a config.json (nor a model type or an owner/name Hub id)")
+    if "/" not in model:
+        close = difflib.get_close_matches(model.lower(), list(CONFIG_MAPPING.keys()), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise InspectError(
+            f"{model!r} is not a local folder, a transformers model type or a Hub id (owner/name); {hint}"
+            "see `python -c \"from transformers import CONFIG_MAPPING; print(sorted(CONFIG_MAPPING))\"` for model types"
+        )
     try:
-        return AutoModelForImageClassification.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError:
-        # Not an image classifier (CLIP, DINOv2 backbones, ...): the base model has the same first layer.
-        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - Hub / network / remote-code errors, reported as one line
+        where = " (HF_HUB_OFFLINE is set: only configs already in the local cache can be read)" if _offline() else ""
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InspectError(f"could not read the config of {model!r}{where}: {type(exc).__name__}: {first_line}") from None
+
+
+def load_model_for_inspection(
+    model: str, trust_remote_code: bool = False, revision: str | None = None, device: str | None = "meta"
+) -> nn.Module:
+    """Build a model from a local folder's, a model type's or a Hub repository's config.
+
+    Only the config is read (no weights are downloaded). Code from the Hub runs only with
+    `trust_remote_code=True`. The class is the image-classification head, else the video-classification
+    head, else the base model: the `target=` reported is a path in that class. On the `meta` device
+    (the default) no memory is allocated and the example forward computes shapes and FLOPs only.
+
+    Raises:
+        InspectError: If the config cannot be read or no model class can be built from it.
+    """
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForVideoClassification
+
+    config = load_config_for_inspection(model, trust_remote_code, revision)
+    for auto in (AutoModelForImageClassification, AutoModelForVideoClassification, AutoModel):
+        try:
+            with torch.device(device) if device else contextlib.nullcontext():
+                return auto.from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError:  # not a class of this auto mapping: the next one
+            continue
+        except Exception as exc:  # noqa: BLE001 - reported as one line
+            raise InspectError(f"could not build {type(config).__name__} ({type(exc).__name__}: {exc})") from None
+    raise InspectError(
+        f"{type(config).__name__} is not an image or video classifier nor a base model of transformers' Auto "
+        "classes; build the model in Python and call hf_tract.find_first_layers(model)"
+    )
 
 
 def _format_report(model_name: str, reports, model_train_gflops, lambda_: float, batch_size: int) -> str:
@@ -217,11 +285,24 @@ def _format_report(model_name: str, reports, model_train_gflops, lambda_: float,
     return "\n".join(lines)
 
 
+def _check_lambda(value: float) -> float:
+    if TrActConfig is not None:
+        try:
+            return TrActConfig(lambda_=value).lambda_
+        except (TypeError, ValueError) as exc:
+            raise InspectError(f"--lambda: {exc}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise InspectError(f"--lambda must be a finite number > 0, got {value}")
+    return value
+
+
 def inspect_command(args: argparse.Namespace) -> int:
-    if not args.tract_lambda > 0:
-        raise SystemExit(f"--lambda must be > 0, got {args.tract_lambda}")
+    args.tract_lambda = _check_lambda(args.tract_lambda)
     model = load_model_for_inspection(args.model, args.trust_remote_code, args.revision)
-    reports, model_train_gflops = inspect_model(model, args.batch_size, args.image_size)
+    reports, model_train_gflops = inspect_model(model, args.batch_size, args.image_size, quiet=True)
+    if model_train_gflops is None:  # a forward that needs real values (data-dependent shapes): on CPU
+        model = load_model_for_inspection(args.model, args.trust_remote_code, args.revision, device=None)
+        reports, model_train_gflops = inspect_model(model, args.batch_size, args.image_size)
     if args.json:
         print(
             json.dumps(
@@ -241,9 +322,16 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit code 2), like every other error of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-tract", description="TrAct for Hugging Face vision models.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="hf-tract", description="TrAct for Hugging Face vision models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     inspect = commands.add_parser(
         "inspect",
         help="show the layer(s) TrAct would train and the extra work per step (no training, no weights)",
@@ -263,9 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `hf-tract` console script."""
+    """Entry point of the `hf-tract` console script.
+
+    Returns:
+        `int`: 0 on success, 2 on any error (reported as one line on stderr, never a traceback).
+    """
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except InspectError as exc:
+        message = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure: one line, not a traceback
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        message = f"{type(exc).__name__}: {first_line}"
+    print(f"hf-tract: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

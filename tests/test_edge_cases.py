@@ -18,7 +18,7 @@ _stem = conv_stem
 
 def _both_grads(pixels, layer=None, dtype=torch.float32):
     plain = (layer or _stem()).to(dtype)
-    patched = apply_tract(copy.deepcopy(plain), target="")
+    patched = apply_tract(copy.deepcopy(plain))
     pixels = pixels.to(dtype)
     upstream = torch.randn_like(plain(pixels))
     plain(pixels).backward(upstream)
@@ -80,8 +80,8 @@ def test_non_finite_pixels_behave_like_plain_training(bad_value):
 def test_float32_solve_option_matches_default_for_standardized_inputs():
     torch.manual_seed(0)
     plain = _stem()
-    fast = apply_tract(copy.deepcopy(plain), target="", solve_dtype=torch.float32)
-    default = apply_tract(copy.deepcopy(plain), target="")
+    fast = apply_tract(copy.deepcopy(plain), solve_dtype=torch.float32)
+    default = apply_tract(copy.deepcopy(plain))
     pixels = torch.randn(4, 3, 8, 8)
     upstream = torch.randn_like(plain(pixels))
     fast(pixels).backward(upstream)
@@ -91,14 +91,14 @@ def test_float32_solve_option_matches_default_for_standardized_inputs():
 
 def test_bad_solve_dtype_is_rejected():
     with pytest.raises(ValueError, match="solve_dtype"):
-        apply_tract(_stem(), target="", solve_dtype=torch.bfloat16)
+        apply_tract(_stem(), solve_dtype=torch.bfloat16)
 
 
 def test_gradient_accumulation_over_micro_batches():
     """Each micro-batch is preconditioned with its own Gram (like BatchNorm statistics)."""
     torch.manual_seed(0)
     plain = _stem()
-    patched = apply_tract(copy.deepcopy(plain), target="")
+    patched = apply_tract(copy.deepcopy(plain))
     batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
     expected = torch.zeros_like(plain.weight)
     for pixels in batches:
@@ -118,7 +118,7 @@ def test_threads_train_independent_models():
     def work(seed):
         torch.manual_seed(seed)
         plain = _stem()
-        patched = apply_tract(copy.deepcopy(plain), target="")
+        patched = apply_tract(copy.deepcopy(plain))
         pixels = torch.randn(3, 3, 8, 8)
         for layer in (plain, patched):
             layer(pixels).sum().backward()

@@ -9,11 +9,13 @@ Per record with a first layer:
   through the weight the layer's op actually sees), and every other gradient is bit-identical.
 
 Records whose tiny model cannot be built or run here are skipped with the reason.
+
+Memory: one record's model is alive at a time (a module-scoped parametrized fixture: pytest runs
+every test of one record, then tears its model down), and the records the survey ran at a default
+size are shrunk (``model_zoo.SHRUNK``).
 """
 
 import copy
-import functools
-import math
 
 import pytest
 import torch
@@ -29,15 +31,13 @@ RECORDS = zoo.load_records()
 
 
 
-def _is_slow(record) -> bool:
-    """Records whose tiny model is not tiny: the survey's generic shrink or default-size configs,
-    VLM towers (hundreds of tokens, wide layers) and large images. Marked slow (still run in CI)."""
-    source = (record.get("config_source") or "").lower()
-    pixels = max((math.prod(shape[1:]) for shape in (record.get("pixel_inputs") or {}).values()), default=0)
-    return source != "explicit tiny kwargs" or (record.get("group") or "").startswith("vlm") or pixels > 3 * 128 * 128
+# The records run by `-m "not slow"`: one per kind of first layer (patchify conv, CNN stem, Conv3d
+# on video, two Linears after a LayerNorm).
+# Every other record is marked slow (still run in CI: the whole table is the test).
+FAST = {"vit", "resnet", "videomae", "perceiver:fourier"}
 
 
-SLOW = {key for key, record in RECORDS.items() if _is_slow(record)}
+SLOW = set(RECORDS) - FAST
 
 # Known discovery/patching gaps: key -> reason (strict xfail: a fix in hf_tract flips them).
 XFAIL_DISCOVERY: dict[str, str] = {}
@@ -55,33 +55,37 @@ def _params(keys, xfails):
     return [pytest.param(key, marks=marks[key], id=key) for key in keys]
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_case(key):
+@pytest.fixture(scope="module")
+def built(request):
+    """The record's case (or the reason it cannot be built), alive for that record's tests only."""
     try:
-        return zoo.build_case(RECORDS[key])
+        yield zoo.build_case(RECORDS[request.param])
     except zoo.CaseSkip as exc:
-        return exc
+        yield exc
 
 
-def _case(key) -> zoo.Case:
-    case = _cached_case(key)
-    if isinstance(case, zoo.CaseSkip):
-        pytest.skip(str(case))
-    return copy.copy(case)
+def _case(built) -> zoo.Case:
+    if isinstance(built, zoo.CaseSkip):
+        pytest.skip(str(built))
+    return copy.copy(built)
 
 
 def _is_embedding(record):
     return record.get("kind") == "Embedding"
 
 
+def _grad_cases():
+    return sorted(key for key, record in RECORDS.items() if zoo.has_first_layer(record) and not _is_embedding(record))
+
+
 # ---------------------------------------------------------------------------------------------
 # discovery
 
 
-@pytest.mark.parametrize("key", _params(sorted(RECORDS), XFAIL_DISCOVERY))
-def test_discovery_finds_the_recorded_layers(key):
-    record = RECORDS[key]
-    case = _case(key)
+@pytest.mark.parametrize("built", _params(sorted(RECORDS), XFAIL_DISCOVERY), indirect=True)
+def test_discovery_finds_the_recorded_layers(built):
+    case = _case(built)
+    record = case.record
     model = case.model
     if _is_embedding(record):
         path = record["first_layer_path"]
@@ -95,6 +99,15 @@ def test_discovery_finds_the_recorded_layers(key):
         prefix = "" if probed is model else "inner."
         found = [name for name, _ in find_first_layers(probed, example_inputs=case.inputs)]
         assert found == [prefix + path for path in case.expected]
+
+
+@pytest.mark.parametrize("built", _params(_grad_cases(), {}), indirect=True)
+def test_probe_alone_finds_the_recorded_layers(built):
+    """Registry and timm metadata off, no example input: the probe builds its own inputs from the
+    forward signature and the configs, and finds the layer(s) the survey recorded."""
+    case = _case(built)
+    found = [name for name, _ in find_first_layers(case.model, use_registry=False)]
+    assert found == case.expected
 
 
 # Two-tower models whose record covers one tower (shared/hf_first_layers.md §7): both must be found.
@@ -133,13 +146,9 @@ def _assert_outputs_equal(actual, expected):
         assert torch.equal(a, e)
 
 
-def _grad_cases():
-    return sorted(key for key, record in RECORDS.items() if zoo.has_first_layer(record) and not _is_embedding(record))
-
-
-@pytest.mark.parametrize("key", _params(_grad_cases(), XFAIL_GRADIENT))
-def test_forward_bit_identical_and_tract_gradient(key):
-    case = _case(key)
+@pytest.mark.parametrize("built", _params(_grad_cases(), XFAIL_GRADIENT), indirect=True)
+def test_forward_bit_identical_and_tract_gradient(built):
+    case = _case(built)
     plain = copy.deepcopy(case.model)
     patched = copy.deepcopy(case.model)
     # Stand-alone VLM towers are not a registry entry of their own: patch the recorded path.

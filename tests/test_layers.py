@@ -58,7 +58,7 @@ def _grads(layer, x, upstream):
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_weight_grad_matches_closed_form_fp64(case, lambda_):
     plain, x = _make(case)
-    patched = apply_tract(copy.deepcopy(plain), lambda_=lambda_, target="")
+    patched = apply_tract(copy.deepcopy(plain), lambda_=lambda_)
     upstream = torch.randn_like(plain(x))
     _, _, plain_grads = _grads(plain, x, upstream)
     _, _, tract_grads = _grads(patched, x, upstream)
@@ -69,7 +69,7 @@ def test_weight_grad_matches_closed_form_fp64(case, lambda_):
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_everything_but_the_weight_grad_is_bit_identical(case):
     plain, x = _make(case, dtype=torch.float32)
-    patched = apply_tract(copy.deepcopy(plain), target="")
+    patched = apply_tract(copy.deepcopy(plain))
     upstream = torch.randn_like(plain(x))
     plain_out, plain_dx, plain_grads = _grads(plain, x, upstream)
     tract_out, tract_dx, tract_grads = _grads(patched, x, upstream)
@@ -89,7 +89,7 @@ def test_agrees_with_official_torch_tract_fp32(case):
         x = x.reshape(-1, x.shape[-1])  # the official Linear only takes 2-d input
     official = torch_tract.TrAct(copy.deepcopy(plain), l=0.1)
     official.load_state_dict(plain.state_dict())
-    patched = apply_tract(copy.deepcopy(plain), lambda_=0.1, target="")
+    patched = apply_tract(copy.deepcopy(plain), lambda_=0.1)
     upstream = torch.randn_like(plain(x))
     _, official_dx, official_grads = _grads(official, x, upstream)
     _, tract_dx, tract_grads = _grads(patched, x, upstream)
@@ -101,7 +101,7 @@ def test_agrees_with_official_torch_tract_fp32(case):
 @pytest.mark.parametrize("case", ["linear_3d_leading", "conv2d_patchify", "conv2d_stem", "conv1d", "conv3d_video_patch"])
 def test_autocast_runs_and_agrees_with_fp32(case, dtype):
     plain, x = _make(case, dtype=torch.float32)
-    patched = apply_tract(copy.deepcopy(plain), target="")
+    patched = apply_tract(copy.deepcopy(plain))
     upstream = torch.randn_like(plain(x))
     _, _, fp32_tract = _grads(patched, x, upstream)
     patched.zero_grad()
@@ -125,7 +125,7 @@ def test_autocast_runs_and_agrees_with_fp32(case, dtype):
 
 def test_low_precision_parameters_return_their_dtype():
     layer, x = _make("conv2d_patchify", dtype=torch.float32)
-    layer = apply_tract(layer.to(torch.bfloat16), target="")
+    layer = apply_tract(layer.to(torch.bfloat16))
     layer(x.to(torch.bfloat16)).sum().backward()
     assert layer.weight.grad.dtype == torch.bfloat16
     assert torch.isfinite(layer.weight.grad.float()).all()
@@ -135,7 +135,7 @@ def test_low_precision_parameters_return_their_dtype():
 def test_large_lambda_limit_is_the_plain_gradient(case):
     plain, x = _make(case)
     lambda_ = 1e8
-    patched = apply_tract(copy.deepcopy(plain), lambda_=lambda_, target="")
+    patched = apply_tract(copy.deepcopy(plain), lambda_=lambda_)
     upstream = torch.randn_like(plain(x))
     _, _, plain_grads = _grads(plain, x, upstream)
     _, _, tract_grads = _grads(patched, x, upstream)
@@ -153,7 +153,7 @@ def _forbid_gram(monkeypatch):
 @pytest.mark.parametrize("mode", ["eval", "no_grad", "frozen"])
 def test_inactive_paths_are_the_plain_layer(mode, monkeypatch):
     plain, x = _make("conv2d_stem", dtype=torch.float32)
-    patched = apply_tract(copy.deepcopy(plain), target="")
+    patched = apply_tract(copy.deepcopy(plain))
     _forbid_gram(monkeypatch)
     if mode == "eval":
         patched.eval()
@@ -191,7 +191,7 @@ def test_woodbury_and_primal_forms_agree():
 
 def test_unstandardized_pixels_stay_finite():
     layer, x = _make("conv2d_stem", dtype=torch.float32)
-    patched = apply_tract(layer, target="")
+    patched = apply_tract(layer)
     patched(x.abs() * 255).sum().backward()
     assert torch.isfinite(patched.weight.grad).all()
 
@@ -215,7 +215,7 @@ def test_custom_forward_conv_keeps_its_maths_and_preconditions_the_seen_weight()
 
     torch.manual_seed(0)
     plain = StandardizedConv(3, 5, 4, stride=2).double()
-    patched = apply_tract(copy.deepcopy(plain), lambda_=0.2, target="")
+    patched = apply_tract(copy.deepcopy(plain), lambda_=0.2)
     assert isinstance(patched, StandardizedConv) and isinstance(patched, TrActLayerMixin)
     x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
     upstream = torch.randn_like(plain(x))

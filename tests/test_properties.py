@@ -63,7 +63,7 @@ def _check_against_closed_form(layer, shape, lambda_, seed):
     torch.manual_seed(seed)
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64)
-    patched = apply_tract(copy.deepcopy(layer), lambda_=lambda_, target="")
+    patched = apply_tract(copy.deepcopy(layer), lambda_=lambda_)
     upstream = torch.randn_like(layer(x))
     layer(x).backward(upstream)
     x_req = x.clone().requires_grad_(True)

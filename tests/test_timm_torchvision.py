@@ -81,7 +81,7 @@ MODELS = {
     "torchvision_mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(weights=None, num_classes=10), "features.0.0", (2, 3, 64, 64), None),
     "torchvision_convnext_tiny": (lambda: torchvision.models.convnext_tiny(weights=None, num_classes=10), "features.0.0", (2, 3, 32, 32), None),
 }  # fmt: skip
-SLOW = {"torchvision_convnext_tiny", "detr_timm_backbone"}
+SLOW = {"torchvision_convnext_tiny", "detr_timm_backbone", "timm_tf_mobilenetv3_conv2dsame", "torchvision_mobilenet_v3_small"}
 
 
 def _build(name, seed=0, dtype=torch.float64):

@@ -1,0 +1,84 @@
+"""`hf-tract inspect`: one-line errors with exit code 2, close model types without a Hub call, targets
+valid for the class reported (video heads too), and video / multi-input models inspected through a
+forward that runs (no failed-forward note). Models are built on the meta device from configs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_tract.cli import main
+
+pytest.importorskip("transformers")
+
+
+def _inspect(capsys, *argv):
+    code = main(["inspect", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _json(capsys, model, *argv):
+    code, out, err = _inspect(capsys, model, "--json", "--batch_size", "2", *argv)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+@pytest.mark.parametrize(
+    "model_type, model_class, target",
+    [
+        ("videomae", "VideoMAEForVideoClassification", "videomae.embeddings.patch_embeddings.projection"),
+        pytest.param("vjepa2", "VJEPA2ForVideoClassification", "vjepa2.encoder.embeddings.patch_embeddings.proj", marks=pytest.mark.slow),
+        # Text towers index with token ids (.item()): no meta forward, the CPU fallback runs a full-size model.
+        pytest.param("xclip", "XCLIPModel", "vision_model.embeddings.patch_embedding", marks=pytest.mark.slow),
+        pytest.param("owlvit", "OwlViTModel", "vision_model.embeddings.patch_embedding", marks=pytest.mark.slow),
+        ("vit", "ViTForImageClassification", "vit.embeddings.patch_embeddings.projection"),
+    ],
+)
+def test_inspect_reports_a_target_of_the_class_it_names_without_a_failed_forward(capsys, model_type, model_class, target):
+    report, err = _json(capsys, model_type)
+    assert report["model_class"] == model_class
+    assert [layer["name"] for layer in report["layers"]] == [target]
+    assert report["model_train_gflops"] > 0  # the example forward ran (on the meta device)
+    assert "note:" not in err
+
+
+def test_inspect_video_patch_rows_come_from_the_real_input(capsys):
+    report, _ = _json(capsys, "videomae")
+    # 16 frames, tubelet 2, 224 / 16 = 14: 8 * 14 * 14 patch rows per video.
+    assert report["layers"][0]["patch_rows_per_image"] == 8 * 14 * 14
+    assert report["layers"][0]["patch_rows_per_step"] == 2 * 8 * 14 * 14
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["vitt"], "did you mean vit"),
+        (["./no/such/folder"], "is not a folder with a config.json"),
+        (["vit", "--lambda", "-1"], "--lambda"),
+        (["vit", "--lambda", "nan"], "--lambda"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(capsys, argv, expected):
+    code, out, err = _inspect(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and expected in err
+    assert "Traceback" not in err
+
+
+def test_hub_id_offline_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = _inspect(capsys, "someone/not-a-cached-model")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "HF_HUB_OFFLINE" in err
+
+
+@pytest.mark.slow  # a subprocess importing torch and transformers
+def test_usage_error_is_one_line_and_exit_code_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_tract.cli", "inspect", "vit", "--batch_size", "many"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "--batch_size" in result.stderr
