@@ -31,10 +31,7 @@ from torch import nn
 from .functional import PatchGeometry, num_patch_rows
 from .targets import candidate_inputs, find_first_layers
 
-try:  # the one validated description of a TrAct setup (hf_tract/config.py)
-    from .config import TrActConfig
-except ImportError:  # pragma: no cover - older tree without hf_tract.config
-    TrActConfig = None
+from .config import TrActConfig
 
 
 class InspectError(Exception):
@@ -286,14 +283,10 @@ def _format_report(model_name: str, reports, model_train_gflops, lambda_: float,
 
 
 def _check_lambda(value: float) -> float:
-    if TrActConfig is not None:
-        try:
-            return TrActConfig(lambda_=value).lambda_
-        except (TypeError, ValueError) as exc:
-            raise InspectError(f"--lambda: {exc}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise InspectError(f"--lambda must be a finite number > 0, got {value}")
-    return value
+    try:
+        return TrActConfig(lambda_=value).lambda_
+    except (TypeError, ValueError) as exc:
+        raise InspectError(f"--lambda: {exc}") from None
 
 
 def inspect_command(args: argparse.Namespace) -> int:

@@ -34,8 +34,9 @@ def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[st
     Args:
         targets (`str` or `Iterable[str]`, *optional*):
             A dotted module name, a comma-separated list of them (`"a.b,c.d"`, the command-line form), or
-            an iterable of names. `None` means "discover the first layer". `""` (or `[""]`) names the model
-            itself, as in `model.get_submodule("")`: the way to patch a bare `nn.Conv2d` / `nn.Linear`.
+            an iterable of names. `None` means "discover the first layer". The tuple `("",)` is how the config
+            of a patched bare `nn.Conv2d` / `nn.Linear` names the layer (the model itself); as a target, `""` is
+            refused (a bare layer is found as its own first layer: leave the target unset).
 
     Returns:
         `tuple[str, ...]` or `None`: The names, stripped, in the given order, duplicates removed.
@@ -46,10 +47,10 @@ def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[st
     """
     if targets is None:
         return None
+    if targets == ("",):  # the recorded name of a patched bare layer (the model itself)
+        return targets
     if isinstance(targets, Iterable) and not isinstance(targets, str):
         targets = list(targets)
-    if targets == "" or targets == [""]:
-        return ("",)
     if isinstance(targets, str):
         names = targets.split(",")
     elif isinstance(targets, list) and all(isinstance(name, str) for name in targets):

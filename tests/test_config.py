@@ -22,7 +22,7 @@ def test_defaults_live_here():
         ("a.b, c.d", ("a.b", "c.d")),
         (["a.b", "c.d", "a.b"], ("a.b", "c.d")),
         (("x",), ("x",)),
-        ("", ("",)),  # the model itself (a bare layer), as model.get_submodule("")
+        (("",), ("",)),  # how a patched bare layer's config names it (the model itself)
         (None, None),
     ],
 )
@@ -41,6 +41,8 @@ def test_targets_are_normalised_once(targets, expected):
         ({"lambda_": "0.1"}, TypeError, "float"),
         ({"targets": " , "}, ValueError, "names no layer"),
         ({"targets": []}, ValueError, "names no layer"),
+        ({"targets": ""}, ValueError, "names no layer"),
+        ({"targets": [""]}, ValueError, "names no layer"),
         ({"targets": [1]}, TypeError, "module name"),
         ({"sync_gram": 1}, TypeError, "sync_gram"),
         ({"sync_gram": "true"}, TypeError, "sync_gram"),

@@ -81,6 +81,6 @@ def tiny_resnet():
 
 
 def conv_stem() -> torch.nn.Conv2d:
-    """A bare strided, padded conv (3 -> 8 channels, kernel 4), patched with `target=""`."""
+    """A bare strided, padded conv (3 -> 8 channels, kernel 4), found as its own first layer."""
     torch.manual_seed(0)
     return torch.nn.Conv2d(3, 8, 4, stride=2, padding=1, bias=False)
