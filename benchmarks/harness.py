@@ -78,6 +78,12 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def is_dirty(*paths: str) -> bool | None:
+    """Whether `paths` of the checkout differ from the commit (`None` where there is no git checkout)."""
+    status = _git("status", "--porcelain", "--", *paths)
+    return None if status is None else bool(status)
+
+
 def device_name(device: torch.device) -> str:
     """Human-readable device name: the CUDA device's name, else `cpu (<processor>)`."""
     if device.type == "cuda":
