@@ -180,6 +180,8 @@ class Preset:
         fidelity_settings (`list[str]`): settings of the fidelity runs (official torch-tract, float64 solve).
         fidelity_budget (`int`): budget (epochs) of the fidelity runs.
         fidelity_seeds (`list[int]`): seeds of the fidelity runs.
+        fidelity_f64_seeds (`list[int]`, *optional*): seeds of the float64-solve reference runs (default: all
+            fidelity seeds).
     """
 
     n_train: int
@@ -208,6 +210,7 @@ class Preset:
     fidelity_settings: list[str] = dataclasses.field(default_factory=list)
     fidelity_budget: int = 4
     fidelity_seeds: list[int] = dataclasses.field(default_factory=list)
+    fidelity_f64_seeds: list[int] | None = None
 
     def lambdas_for(self, setting: str) -> list[float]:
         """TrAct lambdas of the main comparison for `setting`."""
@@ -226,12 +229,15 @@ class Preset:
             variants.append(Variant(self.lambdas_for(setting)[0], first_layer_sgd_lr=self.ablation_sgd_first_layer_lr))
         return variants
 
-    def fidelity_variants(self, setting: str) -> list[Variant]:
-        """hf_tract (default and float64 solve) and official torch-tract at the first main lambda."""
+    def fidelity_variants(self, setting: str, seed: int) -> list[Variant]:
+        """hf_tract, official torch-tract and (for `fidelity_f64_seeds`) hf_tract's float64 solve, first main lambda."""
         if setting not in self.fidelity_settings:
             return []
         lam = self.lambdas_for(setting)[0]
-        return [PLAIN, Variant(lam), Variant(lam, solve_dtype="float64"), Variant(lam, implementation="official")]
+        variants = [PLAIN, Variant(lam), Variant(lam, implementation="official")]
+        if self.fidelity_f64_seeds is None or seed in self.fidelity_f64_seeds:
+            variants.append(Variant(lam, solve_dtype="float64"))
+        return variants
 
 
 SMALL_VIT = {"patch_size": 4, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
@@ -267,7 +273,7 @@ PRESETS: dict[str, Preset] = {
         n_train_eval=5_000, crop_pad=2, hflip=True, late_budgets={"vit-adam-std": [16]},
         ablation_settings=["vit-adam-std", "resnet-sgd-std"], ablation_lambdas=[0.05, 0.2],
         ablation_sgd_first_layer_lr=0.1, ablation_budgets=[4], ablation_seeds=[0, 1],
-        fidelity_settings=["vit-adam-std"], fidelity_budget=4, fidelity_seeds=[0, 1, 2],
+        fidelity_settings=["vit-adam-std"], fidelity_budget=4, fidelity_seeds=[0, 1, 2], fidelity_f64_seeds=[0],
     ),
     "gpu": Preset(
         n_train=55_000, n_val=5_000, n_test=10_000, budgets=[1, 2, 4, 8, 16], seeds=[0, 1, 2],
@@ -650,7 +656,15 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
         preset.setting_lambdas = {}
     if args.no_late:
         preset.late_budgets = {}
+    _timing_overrides(preset, args)
     return preset
+
+
+def _timing_overrides(preset: Preset, args: argparse.Namespace) -> None:
+    if args.timing_rounds is not None:
+        preset.timing_rounds = args.timing_rounds
+    if args.timing_steps is not None:
+        preset.timing_steps = args.timing_steps
 
 
 def planned_runs(preset: Preset) -> list[tuple[str, Variant, int, int]]:
@@ -666,7 +680,7 @@ def planned_runs(preset: Preset) -> list[tuple[str, Variant, int, int]]:
                 plan += [(name, v, epochs, seed) for v in preset.main_variants(name)]
     for name in preset.fidelity_settings:
         for seed in preset.fidelity_seeds:
-            plan += [(name, v, preset.fidelity_budget, seed) for v in preset.fidelity_variants(name)]
+            plan += [(name, v, preset.fidelity_budget, seed) for v in preset.fidelity_variants(name, seed)]
     for epochs in sorted(preset.ablation_budgets):
         for name in preset.settings:
             for seed in preset.ablation_seeds:
@@ -798,6 +812,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only measure the per-step TrAct/plain time ratios again with the current code, for the settings and "
         "learning rates of an existing results file; writes them beside it (<name>_step_times.json)",
     )
+    parser.add_argument("--timing-rounds", type=int, default=None, help="override the preset's rounds of the interleaved step timing")
+    parser.add_argument("--timing-steps", type=int, default=None, help="override the preset's steps per variant and round of the step timing")
+    parser.add_argument(
+        "--update-results", action="store_true",
+        help="with --remeasure-step-times: also store the new timings as the results file's step_times (the "
+        "timings taken during the run are kept as step_times_during_run)",
+    )
     args = parser.parse_args(argv)
     if args.settings is not None:
         for name in args.settings:
@@ -815,6 +836,7 @@ def remeasure_step_times(result_path: Path, args: argparse.Namespace) -> Path:
     """
     previous = json.loads(result_path.read_text())
     preset = dataclasses.replace(PRESETS[previous["mode"]])
+    _timing_overrides(preset, args)
     device = torch.device(args.device)
     harness.set_cpu_threads(device, args.threads)
     data = load_fashion_mnist(find_data_dir(args.data_dir), preset, device)
@@ -824,8 +846,18 @@ def remeasure_step_times(result_path: Path, args: argparse.Namespace) -> Path:
         out["step_times"][name] = measure_step_times(Setting.from_name(name), preset, data, choice["lr"], device, variants)
         before = previous["step_times"].get(name, {}).get("ratio")
         print(f"{name}: TrAct/plain per-step ratio now {out['step_times'][name]['ratio']} (before: {before})", flush=True)
+    out["timing_rounds"], out["timing_steps"] = preset.timing_rounds, preset.timing_steps
     path = result_path.with_name(result_path.stem + "_step_times.json")
     harness.save_json(out, path)
+    if args.update_results:
+        previous = json.loads(result_path.read_text())  # re-read: a run may have added to it meanwhile
+        previous.setdefault("step_times_during_run", previous["step_times"])
+        previous["step_times"] = out["step_times"]
+        previous["step_times_source"] = (
+            f"re-measured after the runs ({preset.timing_rounds} rounds x {preset.timing_steps} steps, "
+            f"{out['environment']['started']}, commit {out['environment']['git_commit']}); see {path.name}"
+        )
+        harness.save_json(previous, result_path)
     return path
 
 

@@ -428,8 +428,15 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         scores = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items())
         lines.append(f"- {setting}: {scores} → {choice['lr']:g}")
     lines += ["", "## Per-step training time (interleaved, median over rounds)", ""]
+    if result.get("step_times_source"):
+        lines += [f"Step times used above: {result['step_times_source']}.", ""]
     for setting, times in result["step_times"].items():
         lines.append(f"- {setting}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in times["seconds_per_step"].items()))
+    if result.get("step_times_during_run"):
+        lines += ["", "Measured during the run (fewer rounds, on the loaded machine; superseded by the above):", ""]
+        for setting, times in result["step_times_during_run"].items():
+            lines.append(f"- {setting}: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in times["seconds_per_step"].items())
+                         + "; ratios " + ", ".join(f"{k} {v:.3f}" for k, v in times["ratio"].items()))
     if plot_paths:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({os.path.relpath(p, md_dir)})" for p in plot_paths]
     return "\n".join(lines) + "\n"
