@@ -667,31 +667,70 @@ def _timing_overrides(preset: Preset, args: argparse.Namespace) -> None:
         preset.timing_steps = args.timing_steps
 
 
-def planned_runs(preset: Preset) -> list[tuple[str, Variant, int, int]]:
-    """Every (setting, variant, epochs, seed) of a preset, in the order they run.
+PHASES = ("main", "fidelity", "ablations", "late")
+
+
+def planned_runs(preset: Preset, phases: tuple[str, ...] = PHASES) -> list[tuple[str, Variant, int, int]]:
+    """Every (setting, variant, epochs, seed) of a preset's `phases`, in the order they run.
 
     Order: the main budgets (budget-major, so that a cut run has every setting at the small budgets), then
-    the fidelity runs, then the ablations, then the late budgets (e.g. a 32-epoch ViT budget).
+    the fidelity runs, then the ablations, then the late budgets (e.g. a 32-epoch ViT budget). A run that
+    also belongs to the main comparison (e.g. the plain model at an ablation budget) is planned in the
+    main phase only, so that phases can run in separate processes without training anything twice.
     """
-    plan = []
+    main = []
     for epochs in sorted(preset.budgets):
         for name in preset.settings:
             for seed in preset.seeds:
-                plan += [(name, v, epochs, seed) for v in preset.main_variants(name)]
+                main += [(name, v, epochs, seed) for v in preset.main_variants(name)]
+    in_main = {(name, v, epochs, seed) for name, v, epochs, seed in main}
+    fidelity, ablations, late = [], [], []
     for name in preset.fidelity_settings:
         for seed in preset.fidelity_seeds:
-            plan += [(name, v, preset.fidelity_budget, seed) for v in preset.fidelity_variants(name, seed)]
+            fidelity += [(name, v, preset.fidelity_budget, seed) for v in preset.fidelity_variants(name, seed)]
     for epochs in sorted(preset.ablation_budgets):
         for name in preset.settings:
             for seed in preset.ablation_seeds:
-                plan += [(name, v, epochs, seed) for v in ([PLAIN] if preset.ablation_variants(name) else [])
-                         + preset.ablation_variants(name)]
+                ablations += [(name, v, epochs, seed) for v in ([PLAIN] if preset.ablation_variants(name) else [])
+                              + preset.ablation_variants(name)]
     for name, budgets in preset.late_budgets.items():
         if name in preset.settings:
             for epochs in sorted(budgets):
                 for seed in preset.seeds:
-                    plan += [(name, v, epochs, seed) for v in preset.main_variants(name)]
-    return plan
+                    late += [(name, v, epochs, seed) for v in preset.main_variants(name)]
+    plan = []
+    for phase, runs in (("main", main), ("fidelity", fidelity), ("ablations", ablations), ("late", late)):
+        if phase in phases:
+            plan += [run for run in runs if phase == "main" or run not in in_main]
+    return list(dict.fromkeys(plan))
+
+
+def merge_results(source: Path, target: Path) -> Path:
+    """Adds the runs of `source` (a results file of the same mode, e.g. another process's phases) to `target`.
+
+    Runs already in `target` (same key) are kept as they are; `source`'s environment is recorded in
+    `target`'s `previous_environments`, its training time added to `elapsed_seconds`.
+
+    Raises:
+        ValueError: if the two files differ in mode or in the learning rate chosen for a shared setting.
+    """
+    src, dst = json.loads(source.read_text()), json.loads(target.read_text())
+    if src["mode"] != dst["mode"]:
+        raise ValueError(f"cannot merge {source} ({src['mode']} mode) into {target} ({dst['mode']} mode)")
+    for name, choice in src["lr_choice"].items():
+        if name in dst["lr_choice"] and dst["lr_choice"][name]["lr"] != choice["lr"]:
+            raise ValueError(f"{source} and {target} chose different learning rates for {name}")
+        dst["lr_choice"].setdefault(name, choice)
+    for name, times in src["step_times"].items():
+        dst["step_times"].setdefault(name, times)
+    keys = {r["key"] for r in dst["runs"]}
+    added = [r for r in src["runs"] if r["key"] not in keys]
+    dst["runs"] += added
+    dst["elapsed_seconds"] = dst.get("elapsed_seconds", 0.0) + sum(r["train_seconds"] for r in added)
+    dst.setdefault("previous_environments", []).append(dict(src["environment"], merged_from=source.name, runs_added=len(added)))
+    harness.save_json(dst, target)
+    print(f"merged {len(added)} runs of {source} into {target}")
+    return target
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -774,7 +813,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 setting, preset, data, result["lr_choice"][name]["lr"], device, variants)
             harness.save_json(result, out)
             print(f"{name}: per-step time ratio to plain {result['step_times'][name]['ratio']}", flush=True)
-    for name, variant, epochs, seed in planned_runs(preset):
+    for name, variant, epochs, seed in planned_runs(preset, tuple(args.phases)):
         if name in result["lr_choice"]:
             record(name, variant, result["lr_choice"][name]["lr"], epochs, seed)
     result["environment"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -803,6 +842,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None, help="comma-separated seeds")
     parser.add_argument("--lambdas", type=lambda s: [float(v) for v in s.split(",")], default=None, help="comma-separated TrAct lambdas")
     parser.add_argument("--no-late", action="store_true", help="skip the preset's late budgets (e.g. the 32-epoch ViT runs)")
+    parser.add_argument(
+        "--phases", type=lambda s: s.split(","), default=list(PHASES),
+        help=f"comma-separated phases to run, of {','.join(PHASES)} (default all); e.g. two processes: one with "
+        "--phases main, one with --phases fidelity,ablations --output <other file>, then --merge <other file>",
+    )
+    parser.add_argument("--merge", metavar="JSON", default=None,
+                        help="only add the runs of another results file of the same mode to --output, then rewrite the report")
     parser.add_argument("--plots-dir", default=str(PLOTS_DIR), help="folder for the PNG plots")
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output file and skip them")
@@ -823,6 +869,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.settings is not None:
         for name in args.settings:
             Setting.from_name(name)
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {','.join(PHASES)}")
     args.device = args.device or ("cuda" if args.mode == "gpu" else "cpu")
     args.output = args.output or str(RESULTS_DIR / f"convergence_{args.mode}.json")
     return args
@@ -868,6 +917,9 @@ def main(argv: list[str] | None = None) -> None:
         paths = [str(remeasure_step_times(Path(args.remeasure_step_times), args))]
     elif args.report:
         paths = convergence_report.write_report(Path(args.report), Path(args.plots_dir))
+    elif args.merge:
+        merge_results(Path(args.merge), Path(args.output))
+        paths = [args.output, *convergence_report.write_report(Path(args.output), Path(args.plots_dir))]
     else:
         run_benchmark(args)
         paths = [args.output, *convergence_report.write_report(Path(args.output), Path(args.plots_dir))]
