@@ -654,6 +654,8 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
             setattr(preset, field, getattr(args, field))
     if args.lambdas is not None:
         preset.setting_lambdas = {}
+    if args.ablation_seeds is not None:
+        preset.ablation_seeds = args.ablation_seeds
     if args.no_late:
         preset.late_budgets = {}
     _timing_overrides(preset, args)
@@ -841,6 +843,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")], default=None, help="comma-separated epoch budgets")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None, help="comma-separated seeds")
     parser.add_argument("--lambdas", type=lambda s: [float(v) for v in s.split(",")], default=None, help="comma-separated TrAct lambdas")
+    parser.add_argument("--ablation-seeds", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                        help="comma-separated seeds of the ablation runs")
     parser.add_argument("--no-late", action="store_true", help="skip the preset's late budgets (e.g. the 32-epoch ViT runs)")
     parser.add_argument(
         "--phases", type=lambda s: s.split(","), default=list(PHASES),
