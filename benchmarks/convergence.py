@@ -851,6 +851,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated phases to run, of {','.join(PHASES)} (default all); e.g. two processes: one with "
         "--phases main, one with --phases fidelity,ablations --output <other file>, then --merge <other file>",
     )
+    parser.add_argument("--adopt-step-times", metavar="JSON", default=None,
+                        help="only make the step times of a --remeasure-step-times file those of --output, then rewrite the report")
     parser.add_argument("--merge", metavar="JSON", default=None,
                         help="only add the runs of another results file of the same mode to --output, then rewrite the report")
     parser.add_argument("--plots-dir", default=str(PLOTS_DIR), help="folder for the PNG plots")
@@ -903,15 +905,26 @@ def remeasure_step_times(result_path: Path, args: argparse.Namespace) -> Path:
     path = result_path.with_name(result_path.stem + "_step_times.json")
     harness.save_json(out, path)
     if args.update_results:
-        previous = json.loads(result_path.read_text())  # re-read: a run may have added to it meanwhile
-        previous.setdefault("step_times_during_run", previous["step_times"])
-        previous["step_times"] = out["step_times"]
-        previous["step_times_source"] = (
-            f"re-measured after the runs ({preset.timing_rounds} rounds x {preset.timing_steps} steps, "
-            f"{out['environment']['started']}, commit {out['environment']['git_commit']}); see {path.name}"
-        )
-        harness.save_json(previous, result_path)
+        adopt_step_times(path, result_path)
     return path
+
+
+def adopt_step_times(step_times_path: Path, result_path: Path) -> None:
+    """Makes the re-measured step times of `step_times_path` (see `remeasure_step_times`) those of `result_path`.
+
+    The timings taken during the run are kept as `step_times_during_run`; `step_times_source` says where the
+    new ones come from.
+    """
+    remeasured = json.loads(step_times_path.read_text())
+    result = json.loads(result_path.read_text())
+    result.setdefault("step_times_during_run", result["step_times"])
+    result["step_times"] = remeasured["step_times"]
+    env = remeasured["environment"]
+    result["step_times_source"] = (
+        f"re-measured after the runs ({remeasured.get('timing_rounds')} rounds x {remeasured.get('timing_steps')} steps per "
+        f"variant, interleaved; {env['started']}, commit {env['git_commit']}, {env['device']}); file {step_times_path.name}"
+    )
+    harness.save_json(result, result_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -921,6 +934,9 @@ def main(argv: list[str] | None = None) -> None:
         paths = [str(remeasure_step_times(Path(args.remeasure_step_times), args))]
     elif args.report:
         paths = convergence_report.write_report(Path(args.report), Path(args.plots_dir))
+    elif args.adopt_step_times:
+        adopt_step_times(Path(args.adopt_step_times), Path(args.output))
+        paths = [args.output, *convergence_report.write_report(Path(args.output), Path(args.plots_dir))]
     elif args.merge:
         merge_results(Path(args.merge), Path(args.output))
         paths = [args.output, *convergence_report.write_report(Path(args.output), Path(args.plots_dir))]

@@ -485,10 +485,11 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
                 if variant == "plain":
                     style = {"color": "black", "linestyle": "--", "linewidth": 1.8}
                 elif variant in main:
-                    style = {"linestyle": "-", "linewidth": 1.8}
+                    style = {"color": "tab:red", "linestyle": "-", "linewidth": 1.8}
                 else:
                     style = {"linestyle": "-", "linewidth": 0.9, "alpha": 0.8}
-                label = _label(variant) + ("" if variant in main else f" (seeds {preset.get('ablation_seeds')})")
+                seeds = sorted({seed for b in budgets for seed in points[b]["seeds"]})
+                label = _label(variant) + ("" if variant in main else f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})")
                 line, = ax.plot(x, mean, marker="o", markersize=3, label=label, **style)
                 if variant in main:
                     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
@@ -507,8 +508,9 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
             ax.set_visible(False)
         env = result["environment"]
         fig.suptitle(
-            f"Fashion-MNIST ({preset['n_train']} training images, augmentation: {result['data'].get('augmentation', 'none')}): "
-            f"TrAct (solid) vs plain (dashed)\nmean ± std over {len(preset['seeds'])} seeds; {env['device']}", fontsize=9)
+            f"Fashion-MNIST, {preset['n_train']} training images, augmentation: {result['data'].get('augmentation', 'none')}\n"
+            f"TrAct (solid) vs plain (dashed), mean ± std over seeds {preset['seeds']} (points with fewer seeds: see the "
+            f"tables); {env['device']}, commit {env['git_commit'][:7]}", fontsize=8)
         fig.tight_layout()
         path = prefix.parent / f"{prefix.name}_{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
