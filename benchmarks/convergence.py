@@ -707,11 +707,12 @@ def planned_runs(preset: Preset, phases: tuple[str, ...] = PHASES) -> list[tuple
     return list(dict.fromkeys(plan))
 
 
-def merge_results(source: Path, target: Path) -> Path:
+def merge_results(source: Path, target: Path, note: str = "") -> Path:
     """Adds the runs of `source` (a results file of the same mode, e.g. another process's phases) to `target`.
 
-    Runs already in `target` (same key) are kept as they are; `source`'s environment is recorded in
-    `target`'s `previous_environments`, its training time added to `elapsed_seconds`.
+    Runs already in `target` (same key) are kept as they are; `source`'s environments (each command that
+    made it) are recorded in `target`'s `previous_environments`, the added runs' training time in
+    `elapsed_seconds`.
 
     Raises:
         ValueError: if the two files differ in mode or in the learning rate chosen for a shared setting.
@@ -729,7 +730,13 @@ def merge_results(source: Path, target: Path) -> Path:
     added = [r for r in src["runs"] if r["key"] not in keys]
     dst["runs"] += added
     dst["elapsed_seconds"] = dst.get("elapsed_seconds", 0.0) + sum(r["train_seconds"] for r in added)
-    dst.setdefault("previous_environments", []).append(dict(src["environment"], merged_from=source.name, runs_added=len(added)))
+    known = {(e["started"], e["command"]) for e in [*dst.get("previous_environments", []), dst["environment"]]}
+    for env in [*src.get("previous_environments", []), src["environment"]]:
+        if (env["started"], env["command"]) not in known:  # each part's commands once, also when merged again
+            dst.setdefault("previous_environments", []).append(dict(env, merged_from=source.name))
+    dst.setdefault("merges", []).append({"source": source.name, "runs_added": len(added)})
+    if note:
+        dst["note"] = " ".join(filter(None, [dst.get("note", ""), note]))
     harness.save_json(dst, target)
     print(f"merged {len(added)} runs of {source} into {target}")
     return target
@@ -938,7 +945,7 @@ def main(argv: list[str] | None = None) -> None:
         adopt_step_times(Path(args.adopt_step_times), Path(args.output))
         paths = [args.output, *convergence_report.write_report(Path(args.output), Path(args.plots_dir))]
     elif args.merge:
-        merge_results(Path(args.merge), Path(args.output))
+        merge_results(Path(args.merge), Path(args.output), args.note)
         paths = [args.output, *convergence_report.write_report(Path(args.output), Path(args.plots_dir))]
     else:
         run_benchmark(args)
