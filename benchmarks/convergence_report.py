@@ -503,7 +503,8 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
             ax.set_xlabel("epochs (each a full cosine run)" if axis == "epochs" else "training wall-clock [s]")
             ax.set_ylabel(METRIC_LABELS[metric])
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # older results files have no training loss to plot
+                ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
         env = result["environment"]
