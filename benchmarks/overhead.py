@@ -17,9 +17,6 @@ Variants:
     hf_tract_f32     same with ``solve_dtype=torch.float32``
     official         ``torch_tract.TrAct(first_layer, l=0.1)`` (torch-tract 1.0.0) where it runs;
                      a failure is recorded with its message (it crashes under bf16 autocast)
-    proto_stream     CUDA only, prototype of a proposed change (README_overhead.md): the Gram and the
-                     Cholesky factor are computed in the forward on a side CUDA stream, the backward
-                     only waits for an event and runs the triangular solves. Skipped on CPU.
 
 Modes (``--mode``):
     smoke   CI: tiny models, 1 round, < ~30 s on 2 CPU cores
@@ -31,7 +28,8 @@ Modes (``--mode``):
 use it to test the GPU mode's logic on a CPU, e.g. ``--mode gpu --device cpu --tiny``.
 
 Outputs: ``<out-dir>/overhead_<tag>.json`` and ``.md`` (tag = mode, or ``--tag``), rewritten after
-every setting, labelled with device, torch / transformers versions, git commit and command line.
+every setting, labelled with device, torch / transformers versions, git commit and command line. The
+markdown is rendered by ``overhead_report.py``; bootstrap, sync and metadata come from ``harness.py``.
 
 Usage (from the repository root):
     python benchmarks/overhead.py --mode smoke
@@ -45,19 +43,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (puts the checkout's hf_tract first on sys.path)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -71,8 +65,10 @@ from transformers import (  # noqa: E402
 )
 
 import hf_tract.functional as tf  # noqa: E402
-import hf_tract.modules as tm  # noqa: E402
+import overhead_report  # noqa: E402
 from hf_tract import apply_tract, remove_tract  # noqa: E402
+
+REPO_ROOT = harness.REPO_ROOT
 
 LAMBDA = 0.1
 
@@ -153,59 +149,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-class _SideStreamState:
-    """Prototype (proposed for hf_tract.modules._GramState): Gram + Cholesky factor computed in the
-    forward on a side CUDA stream; the backward waits for an event and only runs the solve.
-
-    Same operations in the same order as ``precondition_with_gram``: the gradient is bit-identical.
-    """
-
-    streams: dict = {}
-
-    def __init__(self, x, geometry, lambda_, solve_dtype):
-        dtype = solve_dtype or torch.float64
-        main = torch.cuda.current_stream(x.device)
-        side = self.streams.get(x.device)
-        if side is None:
-            side = self.streams[x.device] = torch.cuda.Stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side), torch.no_grad():
-            gram = tf.patch_gram(x, geometry)
-            rows = tf.num_patch_rows(x, geometry)
-            with torch.autocast("cuda", enabled=False):
-                n = gram.shape[-1]
-                regularized = gram.to(dtype) / rows + lambda_ * torch.eye(n, dtype=dtype, device=gram.device)
-                self.factor, info = torch.linalg.cholesky_ex(regularized)
-                self.ok = (info == 0).reshape(-1, 1, 1)
-                self.mean_eig = regularized.diagonal(dim1=1, dim2=2).mean(-1).reshape(-1, 1, 1)
-            self.event = torch.cuda.Event()
-            self.event.record(side)
-        x.record_stream(side)
-
-    def precondition(self, grad_weight, lambda_, solve_dtype):
-        main = torch.cuda.current_stream(grad_weight.device)
-        main.wait_event(self.event)
-        for t in (self.factor, self.ok, self.mean_eig):
-            t.record_stream(main)
-        groups = self.factor.shape[0]
-        with torch.autocast("cuda", enabled=False):
-            rhs = grad_weight.reshape(groups, grad_weight.shape[0] // groups, -1).to(self.factor.dtype).transpose(1, 2)
-            solved = torch.cholesky_solve(rhs, self.factor)
-            solved = torch.where(self.ok, solved, rhs / self.mean_eig)
-            return solved.transpose(1, 2).reshape(grad_weight.shape).to(grad_weight.dtype)
-
-
-_ORIGINAL_TRACT_WEIGHT = tm.tract_weight
-
-
-def _proto_tract_weight(layer, weight, x, geometry):
-    n = weight[0].numel()
-    if not x.is_cuda or tm._sync_group(layer) is not None or tf.num_patch_rows(x, geometry) < n:
-        return _ORIGINAL_TRACT_WEIGHT(layer, weight, x, geometry)
-    state = _SideStreamState(x, geometry, layer.tract_lambda, layer.tract_solve_dtype)
-    return tm._TrActWeight.apply(weight, state, layer.tract_lambda, layer.tract_solve_dtype)
-
-
 class Variant:
     def __init__(self, name, activate, deactivate=lambda: None):
         self.name, self.activate, self.deactivate = name, activate, deactivate
@@ -234,27 +177,12 @@ def make_variants(model, first, names, device):
             lambda: _set_submodule(model, first, replacement),
             lambda: _set_submodule(model, first, original),
         )
-    if "proto_stream" in names and device.type == "cuda":
-        def activate_proto():
-            apply_tract(model, LAMBDA, target=first)
-            tm.tract_weight = _proto_tract_weight
-
-        def deactivate_proto():
-            tm.tract_weight = _ORIGINAL_TRACT_WEIGHT
-            remove_tract(model)
-
-        variants["proto_stream"] = Variant("proto_stream", activate_proto, deactivate_proto)
     return [variants[n] for n in names if n in variants]
 
 
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device, dtype_name):
@@ -287,11 +215,6 @@ def time_block(step, steps, device):
     for _ in range(steps):
         step()
     return (time.perf_counter() - begin) / steps
-
-
-def _short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text.splitlines()[0][:400]
 
 
 def _quantiles(values):
@@ -333,10 +256,10 @@ def bench_setting(model_name, dtype_name, batch, cfg, device, variant_names, log
                 warm_times[variant.name] = time_block(step, 1, device)
             usable.append(variant)
         except Exception as exc:  # noqa: BLE001 - recorded, not hidden
-            result["failures"][variant.name] = _short_error(exc)
+            result["failures"][variant.name] = harness.short_error(exc)
             log(f"    {variant.name}: FAILED: {result['failures'][variant.name]}")
             optimizer.zero_grad(set_to_none=True)
-            _sync(device)
+            harness.sync(device)
         finally:
             variant.deactivate()
     steps = 1
@@ -394,39 +317,11 @@ def bench_setting(model_name, dtype_name, batch, cfg, device, variant_names, log
             entry["peak_bytes"] = max(peaks[name])
             entry["peak_ratio"] = max(peaks[name]) / plain_peak if plain_peak else None
         result["variants"][name] = entry
-    if "proto_stream" in times and "hf_tract" in times:
-        try:
-            result["proto_stream_grad_check"] = _grad_check(model, first, optimizer, x, y, device, dtype_name)
-        except Exception as exc:  # noqa: BLE001
-            result["failures"]["proto_stream_grad_check"] = _short_error(exc)
     summary = ", ".join(
         f"{n} {e['step_ms_median']:.2f} ms x{e['ratio_median']:.4f}" for n, e in result["variants"].items()
     )
     log(f"    {rounds} rounds x {steps} steps: {summary}")
     return result, model, first, optimizer, x, y
-
-
-def _grad_check(model, first, optimizer, x, y, device, dtype_name):
-    """Max |difference| of the first-layer weight gradient, proto_stream vs hf_tract (same step)."""
-    grads = {}
-    layer_weight = model.get_submodule(first).weight
-    for name, activate, deactivate in (
-        ("hf_tract", lambda: apply_tract(model, LAMBDA, target=first), lambda: remove_tract(model)),
-        ("proto_stream", lambda: (apply_tract(model, LAMBDA, target=first), setattr(tm, "tract_weight", _proto_tract_weight)),
-         lambda: (setattr(tm, "tract_weight", _ORIGINAL_TRACT_WEIGHT), remove_tract(model))),
-    ):
-        activate()
-        try:
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(0)
-            with _autocast(device, dtype_name):
-                loss = F.cross_entropy(model(pixel_values=x).logits.float(), y)
-            loss.backward()
-            grads[name] = layer_weight.grad.detach().clone()
-        finally:
-            deactivate()
-    model.zero_grad(set_to_none=True)
-    return float((grads["hf_tract"] - grads["proto_stream"]).abs().max())
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +331,7 @@ def _grad_check(model, first, optimizer, x, y, device, dtype_name):
 
 def _median_time(fn, device, repeats):
     fn()
-    _sync(device)
+    harness.sync(device)
     values = []
     for _ in range(repeats):
         values.append(time_block(fn, 1, device))
@@ -525,8 +420,8 @@ def layer_only(model, first, x, device, dtype_name, repeats, variant_names):
             runner(module)()
             runs[name] = runner(module)
         except Exception as exc:  # noqa: BLE001
-            failures[name] = _short_error(exc)
-    _sync(device)
+            failures[name] = harness.short_error(exc)
+    harness.sync(device)
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -560,11 +455,11 @@ def profile_delta(model, first, optimizer, x, y, device, dtype_name, steps, top=
         activate()
         try:
             train_step(model, optimizer, x, y, device, dtype_name)
-            _sync(device)
+            harness.sync(device)
             with profile(activities=activities) as prof:
                 for _ in range(steps):
                     train_step(model, optimizer, x, y, device, dtype_name)
-                _sync(device)
+                harness.sync(device)
         finally:
             deactivate()
         per_op, per_kernel = {}, {}
@@ -607,186 +502,27 @@ def profile_delta(model, first, optimizer, x, y, device, dtype_name, steps, top=
 # --------------------------------------------------------------------------------------------
 
 
-def _git(*args):
-    try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def metadata(device, args, cfg):
-    commit = _git("rev-parse", "HEAD") or os.environ.get("HF_TRACT_COMMIT") or "unknown"
-    dirty = _git("status", "--porcelain", "--", "hf_tract", "benchmarks/overhead.py")
-    try:
-        import torch_tract  # noqa: F401
-        from importlib.metadata import version
-
-        official = version("torch-tract")
-    except Exception as exc:  # noqa: BLE001
-        official = f"unavailable ({_short_error(exc)})"
-    meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_tract": official,
-        "python": platform.python_version(),
-        "git_commit": commit,
-        "hf_tract_dirty": bool(dirty) if dirty is not None else None,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "mode": args.mode,
-        "tiny": cfg["tiny"],
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "optimizer": "torch.optim.AdamW(lr=1e-4), default implementation",
-        "lambda": LAMBDA,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "note": args.note,
-    }
-    if device.type == "cuda":
-        meta["cuda"] = torch.version.cuda
-    return meta
-
-
-def _pct(ratio):
-    return f"{100 * (ratio - 1):+.1f}%"
-
-
-def render_markdown(data) -> str:
-    meta = data["meta"]
-    lines = [
-        f"# TrAct per-step overhead — {meta['device']} ({meta['device_type']})",
-        "",
-        f"torch {meta['torch']}, transformers {meta['transformers']}, torch-tract {meta['torch_tract']}, "
-        f"git {meta['git_commit'][:12]}{' (hf_tract modified)' if meta.get('hf_tract_dirty') else ''}, "
-        f"{meta['started']}.",
-        "",
-        f"Command: `{meta['command']}`",
-        "",
-    ]
-    if meta.get("note"):
-        lines += [f"Note: {meta['note']}", ""]
-    lines += [
-        "Step = forward + backward + AdamW step. Overhead = median over rounds of (variant step time / plain "
-        "step time in the same round); variants interleaved in one process. Peak = max_memory_allocated "
-        "during the variant's steps / plain's.",
-        "",
-    ]
-    names = []
-    for setting in data["settings"]:
-        for n in list(setting["variants"]) + list(setting["failures"]):
-            if n != "plain" and n not in names and not n.endswith("_grad_check"):
-                names.append(n)
-    header = "| model | dtype | batch | plain ms/step | " + " | ".join(names) + " | rounds |"
-    if any(s["variants"] for s in data["settings"]):
-        lines += [header, "|" + "---|" * (5 + len(names))]
-    for s in data["settings"]:
-        cells = []
-        for n in names:
-            if n in s["variants"]:
-                e = s["variants"][n]
-                q = e["ratio_quartiles"]
-                cell = f"{_pct(e['ratio_median'])}"
-                if "q1" in q:
-                    cell += f" [{_pct(q['q1'])}, {_pct(q['q3'])}]"
-                if e.get("peak_ratio") is not None:
-                    cell += f"; mem {_pct(e['peak_ratio'])}"
-                cells.append(cell)
-            elif n in s["failures"]:
-                cells.append("fails: " + s["failures"][n][:90].replace("|", "/"))
-            else:
-                cells.append("—")
-        if not s["variants"]:
-            continue
-        plain = s["variants"].get("plain", {}).get("step_ms_median", float("nan"))
-        lines.append(f"| {s['model']} | {s['dtype']} | {s['batch']} | {plain:.2f} | " + " | ".join(cells) + f" | {s['rounds']} |")
-    if any(s["variants"] for s in data["settings"]):
-        lines += ["", "Overhead cells: median [quartiles] of the per-round ratio."]
-    else:
-        lines += ["(--micro-only: no whole-step timing in this file.)"]
-    vs = [(s, n, e["vs_official_median"]) for s in data["settings"] for n, e in s["variants"].items()
-          if n.startswith("hf_tract") and "vs_official_median" in e]
-    if vs:
-        lines += ["", "hf_tract step time / official step time (median of per-round ratios): " + ", ".join(
-            f"{s['model']} {s['dtype']} {n} {r:.3f}" for s, n, r in vs)]
-    micro = [s for s in data["settings"] if s.get("micro")]
-    if micro:
-        lines += [
-            "",
-            "## Micro-breakdown (first layer alone, median ms)",
-            "",
-            "| model | dtype | N rows | n | path | Gram / patches | solve f64 | (factor / triangular) | solve f32 | (factor / triangular) | Gram TF32 | Gram fp32 rel err | Gram TF32 rel err | f32-solve rel err |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for s in micro:
-            m = s["micro"]
-            if "error" in m:
-                lines.append(f"| {s['model']} | {s['dtype']} | error: {m['error'][:80]} |")
-                continue
-
-            def f(key, fmt="{:.3f}"):
-                return fmt.format(m[key]) if key in m else "—"
-
-            lines.append(
-                f"| {s['model']} | {s['dtype']} | {m['num_rows']} | {m['n']} | {m['path']} | "
-                f"{f('gram_ms') if 'gram_ms' in m else f('patch_matrix_ms')} | {f('solve_f64_ms')} | "
-                f"{f('factor_f64_ms')} / {f('triangular_solve_f64_ms')} | {f('solve_f32_ms')} | "
-                f"{f('factor_f32_ms')} / {f('triangular_solve_f32_ms')} | "
-                f"{f('gram_tf32_ms')} | {f('gram_fp32_rel_err', '{:.1e}')} | {f('gram_tf32_rel_err', '{:.1e}')} | "
-                f"{f('solve_f32_rel_err', '{:.1e}')} |"
-            )
-    layered = [s for s in data["settings"] if s.get("layer_only") and "ms" in s["layer_only"]]
-    if layered:
-        lnames = []
-        for s in layered:
-            lnames += [n for n in s["layer_only"]["ms"] if n not in lnames]
-        lines += [
-            "",
-            "## First layer alone: forward + backward, median ms (interleaved)",
-            "",
-            "| model | dtype | " + " | ".join(lnames) + " |",
-            "|---|---|" + "---|" * len(lnames),
-        ]
-        for s in layered:
-            ms = s["layer_only"]["ms"]
-            fails = s["layer_only"].get("failures", {})
-            cells = [f"{ms[n]:.3f}" if n in ms else ("fails" if n in fails else "—") for n in lnames]
-            lines.append(f"| {s['model']} | {s['dtype']} | " + " | ".join(cells) + " |")
-    profiled = [s for s in data["settings"] if s.get("profile")]
-    if profiled:
-        lines += ["", "## Profile: ops added by hf_tract (self time per step, hf_tract minus plain)", ""]
-        for s in profiled:
-            p = s["profile"]
-            if "error" in p:
-                lines.append(f"- {s['model']} {s['dtype']}: profile error: {p['error']}")
-                continue
-            top = ", ".join(f"`{k}` {v:.3f}" for k, v in p["top_added_ops_ms"][:8])
-            lines.append(
-                f"- **{s['model']} {s['dtype']}** ({p['clock']}; plain {p['plain_total_ms']:.2f} ms, hf_tract "
-                f"{p['hf_tract_total_ms']:.2f} ms): {top}"
-            )
-            if "top_added_kernels_ms" in p:
-                kernels = ", ".join(f"`{k[:60]}` {v:.3f}" for k, v in p["top_added_kernels_ms"][:8])
-                lines.append(
-                    f"  - kernels (GPU busy time per step: plain {p['plain_kernel_total_ms']:.2f} ms, hf_tract "
-                    f"{p['hf_tract_kernel_total_ms']:.2f} ms): {kernels}"
-                )
-    checks = [s for s in data["settings"] if "proto_stream_grad_check" in s]
-    if checks:
-        lines += ["", "proto_stream vs hf_tract first-layer gradient, max |diff|: " + ", ".join(
-            f"{s['model']} {s['dtype']} {s['proto_stream_grad_check']:.1e}" for s in checks)]
-    if data.get("errors"):
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in data["errors"]]
-    return "\n".join(lines) + "\n"
+    """Result-file metadata: the harness's environment plus this benchmark's settings."""
+    return harness.environment(
+        device,
+        hf_tract_dirty=harness.is_dirty("hf_tract", "benchmarks/overhead.py"),
+        mode=args.mode,
+        tiny=cfg["tiny"],
+        cpu_threads=torch.get_num_threads(),
+        matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        cudnn_benchmark=torch.backends.cudnn.benchmark,
+        optimizer="torch.optim.AdamW(lr=1e-4), default implementation",
+        **{"lambda": LAMBDA},
+        note=args.note,
+    )
 
 
 def write_outputs(data, out_dir: Path, tag: str):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"overhead_{tag}.json").write_text(json.dumps(data, indent=1))
-    (out_dir / f"overhead_{tag}.md").write_text(render_markdown(data))
+    (out_dir / f"overhead_{tag}.md").write_text(overhead_report.render_markdown(data))
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,7 +537,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"])
     parser.add_argument("--variants", nargs="+", default=None,
-                        choices=["plain", "hf_tract", "hf_tract_f32", "official", "proto_stream"])
+                        choices=["plain", "hf_tract", "hf_tract_f32", "official"])
     parser.add_argument("--batch", type=int, default=None, help="override the batch of every model")
     parser.add_argument("--seconds", type=float, default=None, help="timing budget per setting")
     parser.add_argument("--min-rounds", type=int, default=None)
@@ -822,7 +558,7 @@ def main(argv=None):
     if args.report:
         path = Path(args.report)
         data = json.loads(path.read_text())
-        path.with_suffix(".md").write_text(render_markdown(data))
+        path.with_suffix(".md").write_text(overhead_report.render_markdown(data))
         print(path.with_suffix(".md").read_text())
         return 0
 
@@ -847,8 +583,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if args.mode == "gpu" else "cpu"))
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
-    variant_names = args.variants or ["plain", "hf_tract", "hf_tract_f32", "official"] + (
-        ["proto_stream"] if device.type == "cuda" else [])
+    variant_names = args.variants or ["plain", "hf_tract", "hf_tract_f32", "official"]
     if "plain" not in variant_names:
         variant_names = ["plain"] + variant_names
     tag = args.tag or args.mode + ("_tiny" if args.tiny and args.mode != "smoke" else "")
@@ -878,7 +613,7 @@ def main(argv=None):
             result, model, first, optimizer, x, y = bench_setting(
                 model_name, dtype_name, cfg["batch"][model_name], setting_cfg, device, variant_names, log, deadline)
         except Exception as exc:  # noqa: BLE001
-            data["errors"].append(f"{model_name} {dtype_name}: {_short_error(exc)}")
+            data["errors"].append(f"{model_name} {dtype_name}: {harness.short_error(exc)}")
             log(f"    ERROR {traceback.format_exc()}")
             _free(device)
             write_outputs(data, out_dir, tag)
@@ -890,14 +625,14 @@ def main(argv=None):
                                                   5 if cfg["tiny"] else 15, variant_names)
                 log(f"    layer only (fwd+bwd ms): {result['layer_only']['ms']}")
             except Exception as exc:  # noqa: BLE001
-                result["layer_only"] = {"error": _short_error(exc)}
+                result["layer_only"] = {"error": harness.short_error(exc)}
                 log(f"    layer-only ERROR {traceback.format_exc()}")
         if cfg["micro"] and dtype_name == cfg["dtypes"][0] and not behind:
             try:
                 result["micro"] = micro_breakdown(model, first, x, device, repeats=5 if cfg["tiny"] else 15)
                 log(f"    micro: {result['micro']}")
             except Exception as exc:  # noqa: BLE001
-                result["micro"] = {"error": _short_error(exc)}
+                result["micro"] = {"error": harness.short_error(exc)}
                 log(f"    micro ERROR {traceback.format_exc()}")
         if cfg["profile"] and not behind:
             try:
@@ -906,7 +641,7 @@ def main(argv=None):
                 log(f"    profile: +{result['profile']['hf_tract_total_ms'] - result['profile']['plain_total_ms']:.3f} ms/step; "
                     + ", ".join(f"{k} {v:.3f}" for k, v in result["profile"]["top_added_ops_ms"][:5]))
             except Exception as exc:  # noqa: BLE001
-                result["profile"] = {"error": _short_error(exc)}
+                result["profile"] = {"error": harness.short_error(exc)}
                 log(f"    profile ERROR {traceback.format_exc()}")
         data["settings"].append(result)
         del model, optimizer, x, y

@@ -1,7 +1,9 @@
-"""Tests of benchmarks/convergence.py: the headline arithmetic, and a CI smoke run of `--quick`.
+"""Tests of benchmarks/convergence.py (runner) and convergence_report.py (report).
 
-No accuracy is checked: the smoke run only shows that every code path (learning-rate search, interleaved
-timing, TrAct and plain runs, resume, table, plots) executes and writes complete results.
+The headline arithmetic on made-up results, the augmentation and optimizer plumbing, and a CI smoke run
+of `--quick`. No accuracy is checked: the smoke run only shows that every code path (learning-rate
+search, interleaved timing, plain / TrAct / ablation / fidelity runs, resume, table, plots) executes and
+writes complete results.
 """
 
 import json
@@ -9,31 +11,33 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .benchmark_scripts import REPO_ROOT, load_benchmark
 
 
-
 def test_crossing_epochs():
-    convergence = load_benchmark("convergence")
+    report = load_benchmark("convergence_report")
     budgets = [1, 2, 4, 8]
-    assert convergence.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.9) is None
-    assert convergence.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.4) == 1.0
-    assert convergence.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.7) == 4.0
+    assert report.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.9) is None
+    assert report.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.4) == 1.0
+    assert report.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.7) == 4.0
     # halfway between 2 and 4 epochs in log2 space
-    assert convergence.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.65) == pytest.approx(2 ** 1.5)
+    assert report.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.65) == pytest.approx(2 ** 1.5)
     # first crossing of a non-monotone curve
-    assert convergence.crossing_epochs(budgets, [0.5, 0.9, 0.7, 0.95], 0.85) == pytest.approx(2 ** 0.875)
+    assert report.crossing_epochs(budgets, [0.5, 0.9, 0.7, 0.95], 0.85) == pytest.approx(2 ** 0.875)
 
 
-def _fake_result(plain: dict[int, float], tract: dict[int, float], seeds: int = 2) -> dict:
+def _fake_result(plain: dict[int, tuple[float, float]], tract: dict[int, tuple[float, float]], seeds: int = 2) -> dict:
+    """Runs whose (test accuracy, training loss) per budget are given; seed 0 / 1 sit 0.01 below / above."""
     runs = []
     for variant, curve in (("plain", plain), ("tract_0.1", tract)):
-        for epochs, acc in curve.items():
+        for epochs, (acc, loss) in curve.items():
             for seed in range(seeds):
+                offset = 0.01 if seed else -0.01
                 runs.append({"setting": "vit-adam-std", "variant": variant, "lr": 1e-3, "epochs": epochs, "seed": seed,
-                             "test_acc": acc + (0.01 if seed else -0.01), "train_seconds": epochs * (1.2 if variant == "plain" else 1.5),
-                             "diverged": False})
+                             "test_acc": acc + offset, "train_loss": loss + offset, "test_loss": loss + 0.2,
+                             "train_seconds": epochs * (1.2 if variant == "plain" else 1.5), "diverged": False})
     return {
         "preset": {"budgets": sorted(plain), "seeds": list(range(seeds))},
         "lr_choice": {"vit-adam-std": {"lr": 1e-3}},
@@ -43,22 +47,102 @@ def _fake_result(plain: dict[int, float], tract: dict[int, float], seeds: int = 
 
 
 def test_headline_ratios():
-    convergence = load_benchmark("convergence")
-    (row,) = convergence.headline(_fake_result({1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8}, {1: 0.6, 2: 0.7, 4: 0.8, 8: 0.85}))
+    report = load_benchmark("convergence_report")
+    plain = {1: (0.5, 1.0), 2: (0.6, 0.8), 4: (0.7, 0.6), 8: (0.8, 0.4)}
+    tract = {1: (0.6, 0.9), 2: (0.7, 0.6), 4: (0.8, 0.4), 8: (0.85, 0.3)}
+    (row,) = report.headline(_fake_result(plain, tract))
     assert row["plain_best_acc"] == pytest.approx(0.8) and row["plain_best_epochs"] == 8
     assert row["tract_match_epochs"] == 4 and row["epoch_ratio"] == 2.0
     assert row["wallclock_ratio"] == pytest.approx(2.0 / 1.25)
     assert row["measured_run_ratio"] == pytest.approx(8 * 1.2 / (4 * 1.5))
     assert row["tract_acc_at_plain_best_epochs"] == pytest.approx(0.85)
+    # training loss: plain ends at 0.4 after 8 epochs; TrAct is there after 4
+    assert row["plain_final_train_loss"] == pytest.approx(0.4) and row["plain_final_epochs"] == 8
+    assert row["tract_train_loss_match_epochs"] == 4 and row["train_loss_epoch_ratio"] == 2.0
+    assert row["train_loss_epoch_ratio_interp"] == pytest.approx(2.0)
+    assert row["train_loss_wallclock_ratio"] == pytest.approx(2.0 / 1.25)
+    # plain's 0.6 at 4 epochs: TrAct reaches it at 2 epochs
+    assert row["train_loss_epoch_ratio_interp_by_budget"][4] == pytest.approx(2.0)
 
-    (row,) = convergence.headline(_fake_result({1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8}, {1: 0.5, 2: 0.55, 4: 0.6, 8: 0.7}))
+    # TrAct's loss halfway (in log2 epochs) between 4 and 8 epochs
+    tract_slow = {1: (0.5, 1.0), 2: (0.55, 0.9), 4: (0.6, 0.5), 8: (0.7, 0.3)}
+    (row,) = report.headline(_fake_result(plain, tract_slow))
     assert row["tract_match_epochs"] is None and row["epoch_ratio"] is None and row["wallclock_ratio"] is None
+    assert row["tract_train_loss_match_epochs"] == 8
+    assert row["tract_train_loss_match_epochs_interp"] == pytest.approx(2 ** 2.5)
 
-    # a budget missing for one variant is left out of the comparison
-    result = _fake_result({1: 0.5, 2: 0.6, 4: 0.7, 8: 0.8}, {1: 0.6, 2: 0.7, 4: 0.8, 8: 0.85})
+    # a budget missing for one seed of one variant is left out of the comparison
+    result = _fake_result(plain, tract)
     result["runs"] = [r for r in result["runs"] if not (r["variant"] == "tract_0.1" and r["epochs"] == 8 and r["seed"] == 1)]
-    (row,) = convergence.headline(result)
-    assert row["budgets"] == [1, 2, 4] and row["plain_best_epochs"] == 4
+    (row,) = report.headline(result)
+    assert row["budgets"] == [1, 2, 4] and row["plain_best_epochs"] == 4 and row["plain_final_epochs"] == 4
+
+
+def test_headline_pairs_seeds_of_an_ablation():
+    """An ablation variant with fewer seeds is compared with the plain model on the same seeds only."""
+    report = load_benchmark("convergence_report")
+    result = _fake_result({2: (0.6, 0.8), 4: (0.7, 0.6)}, {2: (0.7, 0.6), 4: (0.8, 0.4)}, seeds=3)
+    result["runs"] += [{"setting": "vit-adam-std", "variant": "tract_0.1_sgd1", "lr": 1e-3, "epochs": 4, "seed": 0,
+                        "test_acc": 0.69, "train_loss": 0.59, "test_loss": 0.8, "train_seconds": 6.0, "diverged": False}]
+    rows = {row["variant"]: row for row in report.headline(result)}
+    ablation = rows["tract_0.1_sgd1"]
+    assert ablation["seeds"] == [0] and ablation["budgets"] == [4]
+    assert ablation["plain_best_acc"] == pytest.approx(0.69)  # plain's seed 0 alone
+    assert ablation["tract_match_epochs"] == 4
+    assert rows["tract_0.1"]["seeds"] == [0, 1, 2]
+
+
+def test_fidelity_rows():
+    report = load_benchmark("convergence_report")
+    result = _fake_result({4: (0.7, 0.6)}, {4: (0.8, 0.4)}, seeds=1)
+    for run in result["runs"]:
+        run["first_losses"] = [2.0, 1.5, 1.0]
+    result["runs"] += [
+        dict(result["runs"][-1], variant="official_0.1", first_losses=[2.0, 1.5 + 1e-6, 1.0 - 3e-6]),
+        dict(result["runs"][-1], variant="tract_0.1_f64", first_losses=[2.0, 1.5, 1.0 + 2e-7]),
+    ]
+    (row,) = report.fidelity(result)
+    assert row["steps_compared_official"] == 3
+    assert row["max_abs_loss_diff_official"] == pytest.approx(3e-6)
+    assert row["max_abs_loss_diff_f64"] == pytest.approx(2e-7)
+    assert [r["variant"] for r in report.headline(result)] == ["tract_0.1"]  # fidelity runs stay out of the headline
+
+
+def test_augment_crops_and_flips_deterministically():
+    convergence = load_benchmark("convergence")
+    images = torch.arange(2 * 28 * 28, dtype=torch.int64).reshape(2, 1, 28, 28).to(torch.uint8)
+    images[:, :, 0, 0] = 255  # a marker the crop moves
+    a = convergence.augment(images, 2, True, torch.Generator().manual_seed(3))
+    b = convergence.augment(images, 2, True, torch.Generator().manual_seed(3))
+    assert a.shape == images.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert torch.equal(convergence.augment(images, 0, False, torch.Generator()), images)
+    # every output is a shifted (and possibly mirrored) copy of its input, with zeros shifted in
+    for out, img in zip(a, images):
+        found = False
+        for flipped in (out, out.flip(-1)):
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    shifted = torch.zeros_like(img)
+                    src = img[:, max(0, dy) : 28 + min(0, dy), max(0, dx) : 28 + min(0, dx)]
+                    shifted[:, max(0, -dy) : 28 + min(0, -dy), max(0, -dx) : 28 + min(0, -dx)] = src
+                    found |= torch.equal(flipped, shifted)
+        assert found
+
+
+def test_first_layer_sgd_optimizers_split_the_parameters():
+    convergence = load_benchmark("convergence")
+    preset = convergence.PRESETS["quick"]
+    setting = convergence.Setting.from_name("vit-adam-std")
+    variant = convergence.Variant(0.1, first_layer_sgd_lr=0.05)
+    assert variant.name == "tract_0.1_sgd1"
+    model = convergence.apply_variant(convergence.build_model(setting, preset, 0), variant)
+    adamw, sgd = convergence.make_optimizers(setting, model, 1e-3, variant)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(sgd, torch.optim.SGD)
+    first = model.vit.embeddings.patch_embeddings.projection
+    sgd_params = {id(p) for group in sgd.param_groups for p in group["params"]}
+    adam_params = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert sgd_params == {id(first.weight), id(first.bias)} and sgd.param_groups[0]["lr"] == 0.05
+    assert not sgd_params & adam_params and sgd_params | adam_params == {id(p) for p in model.parameters()}
 
 
 @pytest.mark.slow
@@ -71,26 +155,46 @@ def test_quick_mode_smoke(tmp_path):
     output = tmp_path / "convergence_quick.json"
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "convergence.py"), "--quick", "--data-dir", str(data_dir),
                "--output", str(output), "--plots-dir", str(tmp_path)]
-    subprocess.run(command, check=True, cwd=REPO_ROOT, timeout=240)
+    subprocess.run(command, check=True, cwd=REPO_ROOT, timeout=300)
 
     result = json.loads(output.read_text())
     preset = convergence.PRESETS["quick"]
     for key in ("device", "torch", "transformers", "git_commit", "command", "finished"):
         assert result["environment"][key]
+    assert result["data"]["augmentation"].startswith("random crop")
     assert set(result["lr_choice"]) == set(preset.settings) == set(result["step_times"])
-    expected = {(s, v, e, seed) for s in preset.settings for v in ["plain", *(f"tract_{lam}" for lam in preset.lambdas)]
-                for e in preset.budgets for seed in preset.seeds}
+    assert "tract_0.1_sgd1" in result["step_times"]["vit-adam-std"]["ratio"]
+    expected = {(s, v.name, e, seed) for s, v, e, seed in convergence.planned_runs(preset)}
+    assert ("vit-adam-std", "official_0.1", 1, 0) in expected and ("vit-adam-std", "tract_0.1", 3, 1) in expected
     chosen = {s: result["lr_choice"][s]["lr"] for s in preset.settings}
     runs = [(r["setting"], r["variant"], r["epochs"], r["seed"]) for r in result["runs"] if r["lr"] == chosen[r["setting"]]]
     assert sorted(runs) == sorted(expected)  # each run once (the learning-rate search run is reused)
-    assert len(convergence.headline(result)) == len(preset.settings) * len(preset.lambdas)
+    for run in result["runs"]:
+        for key in ("train_loss", "test_acc", "test_loss", "val_acc"):
+            assert 0 <= run[key] < float("inf"), (key, run)
+        assert len(run["first_losses"]) == min(convergence.FIRST_STEPS_LOGGED, run["steps"])
+
+    report = load_benchmark("convergence_report")
+    rows = {(row["setting"], row["variant"]): row for row in report.headline(result)}
+    assert set(rows) == {("vit-adam-std", "tract_0.1"), ("vit-adam-std", "tract_0.05"), ("vit-adam-std", "tract_0.1_sgd1"),
+                         ("resnet-sgd-contrast", "tract_0.1")}
+    main = rows[("vit-adam-std", "tract_0.1")]
+    assert main["budgets"] == [1, 2, 3] and main["plain_final_epochs"] == 3  # the late budget joins the comparison
+    for row in rows.values():
+        for key in ("plain_final_train_loss", "train_loss_epoch_ratio_interp_by_budget", "plain_best_acc", "epoch_ratio_interp_by_budget"):
+            assert key in row
+    (fid,) = report.fidelity(result)
+    assert fid["steps_compared_official"] == fid["steps_compared_f64"] == 8  # one epoch of 512 / 64
+    assert fid["max_abs_loss_diff_official"] < 1e-3 and fid["max_abs_loss_diff_f64"] < 1e-3
+
     markdown = output.with_suffix(".md").read_text()
-    assert "## Headline" in markdown and "vit-adam-std" in markdown and "resnet-sgd-contrast" in markdown
-    for axis in ("epochs", "wallclock"):
-        assert (tmp_path / f"convergence_quick_{axis}.png").stat().st_size > 0
+    assert "## Headline" in markdown and "plain final train loss" in markdown and "plain best test acc" in markdown
+    assert "vit-adam-std" in markdown and "resnet-sgd-contrast" in markdown and "## Fidelity" in markdown
+    for name in ("train_loss", "test_acc", "wallclock"):
+        assert (tmp_path / f"convergence_quick_{name}.png").stat().st_size > 0
 
     # --resume finds every run done and trains nothing new
-    subprocess.run([*command, "--resume"], check=True, cwd=REPO_ROOT, timeout=240)
+    subprocess.run([*command, "--resume"], check=True, cwd=REPO_ROOT, timeout=300)
     resumed = json.loads(output.read_text())
     assert resumed["runs"] == result["runs"]
     assert resumed["previous_environments"][0]["started"] == result["environment"]["started"]
