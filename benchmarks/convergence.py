@@ -245,10 +245,10 @@ SMALL_RESNET = {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        n_train=512, n_val=256, n_test=512, budgets=[1, 2], seeds=[0, 1], lambdas=[0.1],
+        n_train=256, n_val=128, n_test=256, budgets=[1, 2], seeds=[0, 1], lambdas=[0.1],
         settings=["vit-adam-std", "resnet-sgd-contrast"], lr_budget=1, batch_size=64,
         vit=SMALL_VIT, resnet=SMALL_RESNET, timing_rounds=2, timing_steps=2,
-        n_train_eval=256, crop_pad=2, hflip=True, late_budgets={"vit-adam-std": [3]},
+        n_train_eval=128, crop_pad=2, hflip=True, late_budgets={"vit-adam-std": [3]},
         ablation_settings=["vit-adam-std"], ablation_lambdas=[0.05], ablation_sgd_first_layer_lr=0.1,
         ablation_budgets=[1], ablation_seeds=[0],
         fidelity_settings=["vit-adam-std"], fidelity_budget=1, fidelity_seeds=[0],

@@ -184,7 +184,7 @@ def test_quick_mode_smoke(tmp_path):
         for key in ("plain_final_train_loss", "train_loss_epoch_ratio_interp_by_budget", "plain_best_acc", "epoch_ratio_interp_by_budget"):
             assert key in row
     (fid,) = report.fidelity(result)
-    assert fid["steps_compared_official"] == fid["steps_compared_f64"] == 8  # one epoch of 512 / 64
+    assert fid["steps_compared_official"] == fid["steps_compared_f64"] == 4  # one epoch of 256 / 64
     assert fid["max_abs_loss_diff_official"] < 1e-3 and fid["max_abs_loss_diff_f64"] < 1e-3
 
     markdown = output.with_suffix(".md").read_text()
