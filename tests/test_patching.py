@@ -194,6 +194,7 @@ _VANILLA_LOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a clean interpreter loads the checkpoint (~10 s)
 def test_save_pretrained_loads_in_vanilla_transformers_without_hf_tract(tmp_path):
     model = apply_tract(tiny_vit())
     model.train()

@@ -125,6 +125,7 @@ def test_trainer_needs_tract_arguments(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # a clean interpreter loads the checkpoint (~10 s)
 def test_bf16_train_save_and_load_without_hf_tract(tmp_path):
     """bf16 autocast on CPU, save, reload in a process where hf_tract cannot be imported: same logits."""
     model = tiny_vit()
