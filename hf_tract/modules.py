@@ -115,7 +115,7 @@ def tract_weight(
         geometry (`PatchGeometry`): How the op turns its input into patch rows.
         state (*optional*): What the backward uses instead of the default Gram state: any object with
             `precondition(grad_weight, lambda_, solve_dtype)` and `condition_bound(lambda_)` (the seam for
-            experiments such as computing the factorisation on a side stream; benchmarks/overhead.py).
+            experiments such as computing the factorisation on a side stream; no caller in the library).
 
     Returns:
         `torch.Tensor`: `weight` in the forward pass; its gradient is the TrAct one.
