@@ -40,7 +40,8 @@ def measure(step: str) -> dict:
     import torch
     from transformers import AlignConfig, AlignModel
 
-    from hf_tract.targets import candidate_inputs, find_first_layers
+    from hf_tract.probe_inputs import candidate_inputs
+    from hf_tract.targets import find_first_layers
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

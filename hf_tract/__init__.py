@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TrActTrainer": "trainer",
-    "TrActTrainingArguments": "trainer",
+    "TrActTrainingArguments": "training_args",
     "TrActCallback": "trainer",
     "tract_model_init": "trainer",
     "create_or_update_model_card": "hub",

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .functional import PatchGeometry, num_patch_rows
-from .targets import candidate_inputs, find_first_layers
+from .probe_inputs import candidate_inputs
+from .targets import find_first_layers
 
 from .config import TrActConfig
 

@@ -156,6 +156,43 @@ class TrActConfig:
             )
         object.__setattr__(self, "solve_dtype", parse_solve_dtype(self.solve_dtype))
 
+    @classmethod
+    def given(cls, config: Union["TrActConfig", float, None] = None, **options: Any) -> dict[str, Any]:
+        """The options a user gave, as field names: what overrides the options a model was patched with.
+
+        Every entry point that takes "a config and/or keyword options" (`apply_tract`, [`TrActCallback`],
+        [`tract_model_init`], the training arguments) merges them here, so the rules are the same everywhere:
+        the fields of `config` that are set (not `None`), then the keyword options that are not `None` on top.
+        A plain number as `config` is λ (the positional form `apply_tract(model, 0.2)`).
+
+        Args:
+            config ([`TrActConfig`] or `float`, *optional*): All options at once, or λ.
+            options: [`TrActConfig`] fields (`lambda_`, `targets`, `sync_gram`, `solve_dtype`); `None` means
+                not given.
+
+        Returns:
+            `dict[str, Any]`: The given options, validated (as a [`TrActConfig`] built from them would be).
+
+        Raises:
+            TypeError: If `config` is neither a [`TrActConfig`], a number nor `None`, or an option is unknown.
+            ValueError: If an option is invalid.
+        """
+        fields = [field.name for field in dataclasses.fields(cls)]
+        unknown = set(options) - set(fields)
+        if unknown:
+            raise TypeError(f"unknown TrAct option(s) {sorted(unknown)}; the options are {fields}.")
+        if isinstance(config, numbers.Real) and not isinstance(config, bool):
+            if options.get("lambda_") is not None:
+                raise TypeError(f"λ given twice: as config ({config!r}) and as lambda_ ({options['lambda_']!r}).")
+            config, options = None, {**options, "lambda_": config}
+        if config is not None and not isinstance(config, TrActConfig):
+            raise TypeError(f"config must be a TrActConfig (or use the keyword options); got {config!r}.")
+        given = {name: getattr(config, name) for name in fields} if config is not None else {}
+        given.update({key: value for key, value in options.items() if value is not None})
+        given = {key: value for key, value in given.items() if value is not None}
+        validated = cls(**given)
+        return {key: getattr(validated, key) for key in given}
+
     def replace(self, **changes: Any) -> "TrActConfig":
         """A copy with `changes` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)

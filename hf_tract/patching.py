@@ -1,9 +1,9 @@
-"""apply_tract / remove_tract: patch the first layer(s) of a model in place, and undo it."""
+"""Patching: `apply_tract` / `remove_tract` change the first layer(s) of a model in place, and
+`prepare_model_for_training` decides, for a training run, whether and with which options a model is patched."""
 
 from __future__ import annotations
 
 import logging
-import numbers
 import warnings
 from typing import Any, Iterable, Optional, Union
 
@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from .config import TrActConfig
 from .modules import SUPPORTED_LAYER_TYPES, TrActLayerMixin, tract_class_for
-from .targets import ExampleInputs, resolve_targets
+from .probe_inputs import ExampleInputs
+from .targets import resolve_targets
 from .wrappers import unwrap_for_patching, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -116,15 +117,11 @@ def apply_tract(
         0.2
         ```
     """
-    if isinstance(config, numbers.Real) and not isinstance(config, bool) and lambda_ is None:
-        config, lambda_ = None, config
-    if config is not None and not isinstance(config, TrActConfig):
-        raise TypeError(f"config must be a TrActConfig (or use the keyword options); got {config!r}.")
+    given = TrActConfig.given(config, lambda_=lambda_, targets=target, sync_gram=sync_gram, solve_dtype=solve_dtype)
     model_to_patch = unwrap_for_patching(model)
-    if config is None:
-        config = tract_config_of(model_to_patch) or TrActConfig()
-    options = {"lambda_": lambda_, "targets": target, "sync_gram": sync_gram, "solve_dtype": solve_dtype}
-    config = config.replace(**{key: value for key, value in options.items() if value is not None})
+    # A whole config describes the run by itself; options alone update the model's own patch.
+    base = TrActConfig() if isinstance(config, TrActConfig) else tract_config_of(model_to_patch) or TrActConfig()
+    config = base.replace(**given)
     layers = resolve_targets(model_to_patch, config.targets, example_inputs)
     for name, module in layers:
         _check_supported(name, module)
@@ -181,3 +178,68 @@ def remove_tract(model: nn.Module) -> nn.Module:
         if not tags:
             inner.model_tags = None
     return model
+
+
+def _describe_changes(old: TrActConfig, new: TrActConfig) -> str:
+    before, after = old.to_dict(), new.to_dict()
+    return ", ".join(f"{key} {before[key]} -> {after[key]}" for key in after if before[key] != after[key])
+
+
+def prepare_model_for_training(
+    model: nn.Module, use_tract: bool, options: dict[str, Any], source: str = "training arguments"
+) -> nn.Module:
+    """Patch, re-patch or unpatch `model` for a run, by the precedence rules of the Trainer integration.
+
+    - `use_tract=False`: a patched model is unpatched (with a warning), so the run is a plain baseline.
+    - An unpatched model is patched with `TrActConfig(**options)` (defaults where an option is unset).
+    - A patched model keeps its [`TrActConfig`] except for the options given, which override it (logged).
+      New targets replace the patched layers.
+
+    Args:
+        model (`nn.Module`): The bare model (not wrapped yet).
+        use_tract (`bool`): Whether the run trains with TrAct.
+        options (`dict`): The explicitly given options, as [`TrActConfig`] field names (see [`TrActConfig.given`]).
+        source (`str`, *optional*, defaults to `"training arguments"`): What gave the options, for the log messages.
+
+    Returns:
+        `nn.Module`: `model` itself.
+    """
+    current = tract_config_of(model)
+    if not use_tract:
+        if current is not None:
+            warnings.warn(
+                f"use_tract=False, but the model is patched with TrAct ({current.describe()}, layers "
+                f"{', '.join(current.targets)}): removing TrAct so that this run is a plain baseline.",
+                stacklevel=3,
+            )
+            remove_tract(model)
+        return model
+    if current is None:
+        return apply_tract(model, TrActConfig(**options))
+    wanted = current.replace(**options)
+    if "targets" in options and set(wanted.targets) != set(current.targets):
+        logger.warning(
+            "TrAct: %s move TrAct from %s to %s.", source, ", ".join(current.targets), ", ".join(wanted.targets)
+        )
+        remove_tract(model)
+        return apply_tract(model, wanted)
+    wanted = wanted.replace(targets=current.targets)
+    if wanted != current:
+        logger.warning(
+            "TrAct: %s override the options the model was patched with: %s.", source, _describe_changes(current, wanted)
+        )
+        apply_tract(model, wanted)
+    else:
+        logger.info("TrAct: training with the model's patch (%s) on %s.", current.describe(), ", ".join(current.targets))
+    return model
+
+
+__all__ = [
+    "TRACT_TAG",
+    "apply_tract",
+    "is_tract_applied",
+    "prepare_model_for_training",
+    "remove_tract",
+    "tract_config_of",
+    "tract_layers",
+]

@@ -9,14 +9,37 @@ from __future__ import annotations
 
 import pytest
 
-from tests.multiproc.tiny import FIRST_LAYER, TinyImages, conv_stem, tiny_resnet, tiny_rgb_vit, tiny_vit, trainer_kwargs
+from hf_tract.environment import LAUNCHER_VARIABLES
 
-__all__ = ["FIRST_LAYER", "TinyImages", "conv_stem", "tiny_resnet", "tiny_rgb_vit", "tiny_vit", "trainer_kwargs"]
+from tests.multiproc.tiny import (
+    FIRST_LAYER,
+    TinyImages,
+    conv_stem,
+    first_weight,
+    make_args,
+    tiny_resnet,
+    tiny_rgb_vit,
+    tiny_vit,
+    trainer_kwargs,
+)
+
+
+__all__ = [
+    "FIRST_LAYER",
+    "TinyImages",
+    "conv_stem",
+    "first_weight",
+    "make_args",
+    "tiny_resnet",
+    "tiny_rgb_vit",
+    "tiny_vit",
+    "trainer_kwargs",
+]
 
 
 @pytest.fixture
 def single_process_env(monkeypatch):
     """No launcher variables: the test sees a single-process run whatever started pytest (returns `monkeypatch`)."""
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+    for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch

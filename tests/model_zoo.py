@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
@@ -30,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .oracle import patch_matrix_reference, tract_grad_reference
+from tests.oracle import patch_matrix_reference, tract_grad_reference
+
 
 RECORDS_PATH = Path(__file__).parent / "data" / "hf_first_layers_records.json"
 BATCH = 2

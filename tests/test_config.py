@@ -5,8 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from hf_tract import TrActConfig, apply_tract, remove_tract, tract_config_of, tract_layers
-from tests.multiproc.tiny import FIRST_LAYER, tiny_vit
+from hf_tract import (
+    TrActConfig,
+    apply_tract,
+    remove_tract,
+    tract_config_of,
+    tract_layers,
+)
+
+from tests.conftest import FIRST_LAYER, conv_stem, tiny_vit
 
 
 def test_defaults_live_here():
@@ -93,32 +100,6 @@ def test_positional_lambda_still_works():
         apply_tract(tiny_vit(), "0.2")
 
 
-def test_library_modules_import_without_cycles():
-    """The module-level imports between hf_tract's modules form a DAG (config at the bottom, trainer/hub on top)."""
-    import ast
-    from pathlib import Path
-
-    package = Path(__file__).resolve().parents[1] / "hf_tract"
-    graph = {}
-    for path in package.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        graph[path.stem] = {
-            node.module.split(".")[0]
-            for node in tree.body  # module level only: lazy imports inside functions may point anywhere
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
-        }
-    visiting, done = set(), set()
-
-    def visit(name, chain):
-        assert name not in visiting, f"import cycle: {' -> '.join(chain + [name])}"
-        if name in done or name not in graph:
-            return
-        visiting.add(name)
-        for dependency in graph[name]:
-            visit(dependency, chain + [name])
-        visiting.discard(name)
-        done.add(name)
-
-    for name in graph:
-        visit(name, [])
-    assert graph["config"] == set()  # everything may build on the config
+def test_bad_solve_dtype_is_rejected():
+    with pytest.raises(ValueError, match="solve_dtype"):
+        apply_tract(conv_stem(), solve_dtype=torch.bfloat16)

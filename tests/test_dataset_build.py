@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "examples" / "data" / "fashion_mnist_small"
 

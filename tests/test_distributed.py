@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "tests" / "multiproc"
 FIRST_WEIGHT = "vit.embeddings.patch_embeddings.projection.weight"
@@ -101,6 +102,7 @@ def test_trainer_two_processes_equals_single_process(tmp_path):
     """TrActTrainer under torchrun (2 × batch 4, tract_sync_gram) reproduces the single-process
     run with batch 8; without sync_gram the first layer ends up visibly different."""
     from hf_tract.hub import verify_plain_checkpoint
+
     from tests.multiproc.tiny import tiny_vit
 
     torchrun("trainer_e2e.py", str(tmp_path / "ddp_sync"), "4")

@@ -23,8 +23,9 @@ import torch
 from hf_tract import apply_tract, find_first_layers
 from hf_tract.patching import tract_layers
 
-from . import model_zoo as zoo
-from .oracle import relative_error
+from tests import model_zoo as zoo
+from tests.oracle import relative_error
+
 
 LAMBDA = 0.1
 RECORDS = zoo.load_records()

@@ -1,17 +1,23 @@
 """Model card creation/update and the plain-checkpoint check; push_to_hub up to the upload (offline)."""
 
-import json
 import shutil
 
 import pytest
 import torch
+import transformers.trainer as hf_trainer_module
 from huggingface_hub import ModelCard
 
-import transformers.trainer as hf_trainer_module
 from hf_tract import apply_tract
-from hf_tract.hub import SECTION_END, TRACT_BIBTEX, create_or_update_model_card, verify_plain_checkpoint
+from hf_tract.hub import (
+    SECTION_END,
+    TRACT_BIBTEX,
+    create_or_update_model_card,
+    verify_plain_checkpoint,
+)
 from hf_tract.trainer import TrActTrainer, TrActTrainingArguments
-from tests.multiproc.tiny import FIRST_LAYER, TinyImages, tiny_vit, trainer_kwargs
+
+from tests.conftest import FIRST_LAYER, TinyImages, tiny_vit, trainer_kwargs
+
 
 USER_CARD = """---
 license: mit
@@ -124,28 +130,3 @@ def test_push_to_hub_offline(tmp_path, monkeypatch):
     card = ModelCard.load(staged / "README.md")
     assert "tract" in card.data.tags and "| 0.05 |" in card.text and "### Training hyperparameters" in card.text
     verify_plain_checkpoint(staged, load=False)
-
-
-@pytest.mark.parametrize(
-    "corrupt, message",
-    [
-        (lambda d: (d / "modeling_tract.py").write_text("import hf_tract\n"), "Python file"),
-        (lambda d: torch.save({}, d / "pytorch_model.bin"), "pickled file"),
-        (lambda d: _edit_config(d, auto_map={"AutoModel": "x.Y"}), "auto_map"),
-        (lambda d: _edit_config(d, architectures=["TrActViT"]), "mentions TrAct"),
-        (lambda d: (d / "model.safetensors").unlink(), "no .safetensors"),
-    ],
-)
-def test_verify_plain_checkpoint_rejects(tmp_path, corrupt, message):
-    model = apply_tract(tiny_vit())
-    model.save_pretrained(tmp_path)
-    verify_plain_checkpoint(tmp_path, load=False)
-    corrupt(tmp_path)
-    with pytest.raises(ValueError, match=message):
-        verify_plain_checkpoint(tmp_path, load=False)
-
-
-def _edit_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
-    config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from hf_tract.hub import verify_plain_checkpoint
 
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "multiproc" / "train_until_killed.py"
 

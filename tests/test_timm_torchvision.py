@@ -19,8 +19,9 @@ import torch.nn as nn
 from hf_tract import apply_tract, find_first_layers
 from hf_tract.patching import tract_layers
 
-from . import model_zoo as zoo
-from .oracle import relative_error
+from tests import model_zoo as zoo
+from tests.oracle import relative_error
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = pytest.importorskip("timm")

@@ -1,120 +1,36 @@
 """TrActTrainingArguments, TrActTrainer, TrActCallback and tract_model_init on a tiny ViT (CPU)."""
 
 import copy
-import json
 
 import pytest
 import torch
-import yaml
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
 
-from hf_tract import TrActConfig, apply_tract, is_tract_applied, remove_tract, tract_layers
-from hf_tract.hub import verify_plain_checkpoint
-from hf_tract.trainer import (
-    CombinedOptimizer,
+from hf_tract import (
     TrActCallback,
+    TrActConfig,
     TrActTrainer,
-    TrActTrainingArguments,
+    apply_tract,
+    is_tract_applied,
+    remove_tract,
+    tract_layers,
     tract_model_init,
 )
-from tests.multiproc.tiny import FIRST_LAYER, TinyImages, tiny_vit, trainer_kwargs
+from hf_tract.verify import verify_plain_checkpoint
+
+from tests.conftest import (
+    FIRST_LAYER,
+    TinyImages,
+    first_weight,
+    make_args,
+    tiny_vit,
+    trainer_kwargs,
+)
 from tests.oracle import patch_matrix_reference, relative_error, tract_grad_reference
 
 
-def make_args(tmp_path, **overrides) -> TrActTrainingArguments:
-    return TrActTrainingArguments(output_dir=str(tmp_path / "out"), **trainer_kwargs(**overrides))
-
-
-def first_weight(model) -> torch.Tensor:
-    return model.get_submodule(FIRST_LAYER).weight.detach().clone()
-
-
 # ---------------------------------------------------------------- arguments
-
-
-def test_arguments_defaults_and_to_dict(tmp_path):
-    args = make_args(tmp_path)
-    # The TrActConfig options are "not given" by default: the model's patch, else TrActConfig's defaults.
-    assert (args.use_tract, args.tract_lambda, args.tract_target, args.tract_sync_gram) == (True, None, None, None)
-    assert args.tract_solve_dtype is None and args.tract_options == {} and args.tract_config == TrActConfig()
-    assert args.tract_config.lambda_ == 0.1
-    assert args.tract_optimizer == "same" and args.tract_learning_rate is None and args.tract_log_stats is False
-    d = args.to_dict()
-    for key in ("use_tract", "tract_lambda", "tract_target", "tract_sync_gram", "tract_solve_dtype", "tract_optimizer"):
-        assert key in d
-    assert json.loads(args.to_json_string())["tract_lambda"] is None
-
-
-def test_arguments_json_round_trip_keeps_what_was_given(tmp_path):
-    """to_json_string -> HfArgumentParser.parse_dict gives the same explicitly-set options, and only them."""
-    parser = HfArgumentParser(TrActTrainingArguments)
-    cases = [
-        ({}, set()),
-        ({"tract_lambda": 0.3}, {"lambda_"}),
-        ({"tract_target": ["a.b", "c"], "tract_solve_dtype": "float64"}, {"targets", "solve_dtype"}),
-        ({"tract_sync_gram": False}, {"sync_gram"}),
-    ]
-    for given, expected in cases:
-        args = make_args(tmp_path, **given)
-        (again,) = parser.parse_dict(json.loads(args.to_json_string()))
-        assert set(args.tract_options) == expected
-        assert again.tract_options == args.tract_options and again.tract_config == args.tract_config
-
-
-@pytest.mark.parametrize(
-    "overrides, error, match",
-    [
-        ({"tract_lambda": 0.0}, ValueError, "tract_lambda"),
-        ({"tract_lambda": -1.0}, ValueError, "tract_lambda"),
-        ({"tract_lambda": float("nan")}, ValueError, "tract_lambda"),
-        ({"tract_lambda": float("inf")}, ValueError, "tract_lambda.*use_tract=False"),
-        ({"tract_lambda": "0.1"}, TypeError, "tract_lambda"),
-        ({"tract_lambda": True}, TypeError, "tract_lambda"),
-        ({"tract_target": " , "}, ValueError, "tract_target"),
-        ({"tract_solve_dtype": "float16"}, ValueError, "tract_solve_dtype"),
-        ({"tract_sync_gram": "yes"}, TypeError, "tract_sync_gram"),
-        ({"tract_optimizer": "adam"}, ValueError, "tract_optimizer"),
-        ({"tract_optimizer": "sgd"}, ValueError, "tract_learning_rate"),
-        ({"tract_learning_rate": 0.0}, ValueError, "tract_learning_rate"),
-        ({"tract_weight_decay": -0.1}, ValueError, "tract_weight_decay"),
-        ({"tract_momentum": 1.0}, ValueError, "tract_momentum"),
-    ],
-)
-def test_arguments_validation(tmp_path, overrides, error, match):
-    with pytest.raises(error, match=match):
-        make_args(tmp_path, **overrides)
-
-
-def test_arguments_target_list(tmp_path):
-    args = make_args(tmp_path, tract_target=["a.b", "c.d"])
-    assert args.tract_target == "a.b,c.d" and args.tract_targets == ("a.b", "c.d")
-    assert make_args(tmp_path, tract_target=" a.b ").tract_targets == ("a.b",)
-    assert args.tract_config.targets == ("a.b", "c.d")
-
-
-def test_arguments_cli_json_yaml(tmp_path):
-    parser = HfArgumentParser(TrActTrainingArguments)
-    cli = [
-        "--output_dir", str(tmp_path), "--tract_lambda", "0.2", "--tract_target", "x.y,z",
-        "--tract_sync_gram", "--tract_optimizer", "sgd", "--tract_learning_rate", "0.05", "--use_tract", "false",
-        "--tract_solve_dtype", "float32", "--tract_log_stats",
-    ]  # fmt: skip
-    (args,) = parser.parse_args_into_dataclasses(args=cli)
-    assert (args.tract_lambda, args.tract_targets, args.tract_sync_gram) == (0.2, ("x.y", "z"), True)
-    assert args.tract_config == TrActConfig(0.2, ("x.y", "z"), True, torch.float32) and args.tract_log_stats
-    (off,) = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--tract_sync_gram", "false"])
-    assert off.tract_options == {"sync_gram": False}
-    assert (args.tract_optimizer, args.tract_learning_rate, args.use_tract) == ("sgd", 0.05, False)
-
-    values = {"output_dir": str(tmp_path), "tract_lambda": 0.05, "tract_sync_gram": True, "tract_weight_decay": 0.0}
-    (tmp_path / "a.json").write_text(json.dumps(values))
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(values))
-    for parsed in (parser.parse_json_file(tmp_path / "a.json")[0], parser.parse_yaml_file(tmp_path / "a.yaml")[0]):
-        assert (parsed.tract_lambda, parsed.tract_sync_gram, parsed.tract_weight_decay) == (0.05, True, 0.0)
-    for bad in ("0", "inf", "nan"):
-        with pytest.raises(ValueError, match="tract_lambda"):
-            parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--tract_lambda", bad])
 
 
 def test_trainer_needs_tract_arguments(tmp_path):
@@ -264,60 +180,6 @@ def test_callback_added_late_fails_clearly(tmp_path):
 
 
 # ---------------------------------------------------------------- first-layer optimizer settings
-
-
-def _groups_of(optimizer, model):
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [(g.get("name"), g["lr"], g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in optimizer.param_groups]
-
-
-def test_tract_param_groups(tmp_path):
-    model = tiny_vit()
-    args = make_args(tmp_path, max_steps=1, tract_learning_rate=1e-2, tract_weight_decay=0.5, weight_decay=0.01)
-    trainer = TrActTrainer(model=model, args=args, train_dataset=TinyImages())
-    optimizer = trainer.create_optimizer()
-    groups = _groups_of(optimizer, model)
-    tract_groups = [g for g in groups if g[0] == "tract"]
-    assert sorted((g[2], tuple(g[3])) for g in tract_groups) == [
-        (0.0, (f"{FIRST_LAYER}.bias",)),
-        (0.5, (f"{FIRST_LAYER}.weight",)),
-    ]
-    assert all(g[1] == 1e-2 for g in tract_groups)
-    listed = [n for g in groups for n in g[3]]
-    assert sorted(listed) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
-    trainer.train()
-
-
-def test_sgd_ablation_optimizer(tmp_path):
-    model = tiny_vit()
-    args = make_args(tmp_path, max_steps=2, tract_optimizer="sgd", tract_learning_rate=0.05, tract_momentum=0.5)
-    trainer = TrActTrainer(model=model, args=args, train_dataset=TinyImages())
-    trainer.train()
-    combined = trainer.optimizer.optimizer  # inside accelerate's AcceleratedOptimizer
-    assert isinstance(combined, CombinedOptimizer)
-    adamw, sgd = combined.optimizers
-    weight = model.get_submodule(FIRST_LAYER).weight
-    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
-    assert "momentum_buffer" in sgd.state[weight] and weight not in adamw.state
-    assert len(adamw.state) == sum(1 for n, _ in model.named_parameters() if not n.startswith(FIRST_LAYER))
-    # The scheduler drives both: linear decay over 2 steps leaves every lr at 0.
-    assert all(g["lr"] == 0.0 for g in combined.param_groups)
-    assert [g["initial_lr"] for g in sgd.param_groups] == [0.05, 0.05]
-
-
-def test_combined_optimizer_state_round_trip():
-    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
-    combined = CombinedOptimizer([torch.optim.AdamW([a], lr=0.1), torch.optim.SGD([b], lr=0.1, momentum=0.9)])
-    (a.sum() + b.sum()).backward()
-    combined.step()
-    state = copy.deepcopy(combined.state_dict())
-    restored = CombinedOptimizer([torch.optim.AdamW([a], lr=0.3), torch.optim.SGD([b], lr=0.3, momentum=0.9)])
-    restored.load_state_dict(state)
-    assert [g["lr"] for g in restored.param_groups] == [0.1, 0.1]
-    assert restored.param_groups[1] is restored.optimizers[1].param_groups[0]
-    assert torch.equal(restored.optimizers[1].state[b]["momentum_buffer"], combined.optimizers[1].state[b]["momentum_buffer"])
-    with pytest.raises(ValueError, match="CombinedOptimizer"):
-        restored.load_state_dict(restored.optimizers[0].state_dict())
 
 
 # ---------------------------------------------------------------- training features
@@ -480,98 +342,10 @@ def test_callback_reads_tract_arguments_and_keeps_model_patch(tmp_path):
 # ---------------------------------------------------------------- several processes
 
 
-def test_cpu_ddp_is_chosen_when_processes_were_launched_without_an_accelerator(single_process_env, tmp_path):
-    import hf_tract.trainer as trainer_module
-
-    args = make_args(tmp_path, use_cpu=False)
-    assert not trainer_module.needs_cpu_ddp(args)  # one process: nothing to do
-    single_process_env.setenv("WORLD_SIZE", "2")
-    single_process_env.setattr(trainer_module, "_has_accelerator", lambda: False)
-    assert trainer_module.needs_cpu_ddp(args)
-    single_process_env.setattr(trainer_module, "_has_accelerator", lambda: True)
-    assert not trainer_module.needs_cpu_ddp(args)  # GPUs: accelerate sets up DDP itself
-
-
-def test_independent_copies_are_refused(single_process_env, tmp_path):
-    """Several launched processes but a non-distributed Trainer: an error naming the fix, not N copies."""
-    import hf_tract.trainer as trainer_module
-
-    args = make_args(tmp_path)  # set up as a single process
-    single_process_env.setattr(trainer_module, "_launched_processes", lambda: 2)
-    with pytest.raises(RuntimeError, match="use_cpu True"):
-        TrActTrainer(model=tiny_vit(), args=args, train_dataset=TinyImages())
-    trainer = Trainer(model=tiny_vit(), args=args, train_dataset=TinyImages())
-    with pytest.raises(RuntimeError, match="use_cpu True"):
-        TrActCallback().on_init_end(args, trainer.state, trainer.control, model=trainer.model)
-
-
 # ---------------------------------------------------------------- the transformers workaround
 
 
-def test_transformers_still_needs_the_legacy_key_workaround(tmp_path):
-    """Plain `Trainer._load_from_checkpoint` (transformers 5.24) resumes a ViT with its initial weights.
-
-    This test fails once transformers converts legacy key names on resume: then delete
-    `hf_tract.trainer._resume_with_converted_legacy_keys` and this test.
-    """
-    saved = tiny_vit(seed=1)
-    saved.save_pretrained(tmp_path / "checkpoint")
-    fresh = tiny_vit(seed=2)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), **trainer_kwargs())
-    Trainer(model=fresh, args=args)._load_from_checkpoint(str(tmp_path / "checkpoint"))
-    lost = [name for name, p in fresh.state_dict().items() if not torch.equal(p, saved.state_dict()[name])]
-    assert lost, "transformers fixed it: remove the workaround (_resume_with_converted_legacy_keys)"
-
-    ours = tiny_vit(seed=2)
-    TrActTrainer(model=ours, args=make_args(tmp_path / "b"))._load_from_checkpoint(str(tmp_path / "checkpoint"))
-    assert all(torch.equal(p, saved.state_dict()[name]) for name, p in ours.state_dict().items())
-
-
 # ---------------------------------------------------------------- what TrAct does, in the logs
-
-
-def test_log_stats_at_logging_steps_only(tmp_path):
-    model = tiny_vit()
-    args = make_args(tmp_path, max_steps=4, logging_steps=2, tract_log_stats=True)
-    trainer = TrActTrainer(model=model, args=args, train_dataset=TinyImages(16))
-    recorded_at = []
-
-    class Spy(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            recorded_at.append(len(model.get_submodule(FIRST_LAYER).tract_stats))
-
-    trainer.add_callback(Spy())
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert [entry["step"] for entry in logs] == [2, 4]
-    for entry in logs:
-        assert entry["tract/grad_norm_plain"] > 0 and entry["tract/grad_norm"] > 0
-        assert entry["tract/condition_bound"] > 1
-    # Recorded in the backward of steps 2 and 4 only (one micro-batch each), read and cleared by their log.
-    assert recorded_at == [0, 1, 0, 1] and not model.get_submodule(FIRST_LAYER).tract_stats and not model.get_submodule(FIRST_LAYER).tract_record_stats
-
-
-def test_log_stats_values_match_the_closed_form(tmp_path):
-    """One step, one batch: the logged norms are those of the plain and the closed-form TrAct gradient."""
-    initial = tiny_vit()
-    model = copy.deepcopy(initial)
-    args = make_args(
-        tmp_path, max_steps=1, logging_steps=1, tract_log_stats=True, per_device_train_batch_size=8,
-        train_sampling_strategy="sequential", max_grad_norm=0.0,
-    )  # fmt: skip
-    dataset = TinyImages(8)
-    trainer = TrActTrainer(model=model, args=args, train_dataset=dataset)
-    trainer.train()
-    (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
-    probe = copy.deepcopy(initial).train()
-    probe(**dataset[0:8]).loss.backward()
-    layer = probe.get_submodule(FIRST_LAYER)
-    patches = patch_matrix_reference(layer, dataset[0:8]["pixel_values"])
-    tract = tract_grad_reference(layer.weight.grad, patches, 0.1)
-    assert entry["tract/grad_norm_plain"] == pytest.approx(layer.weight.grad.norm().item(), rel=1e-5)
-    assert entry["tract/grad_norm"] == pytest.approx(tract.norm().item(), rel=1e-4)
-    bound = 1 + (patches.double() ** 2).sum().item() / (patches.shape[-2] * 0.1)
-    assert entry["tract/condition_bound"] == pytest.approx(bound, rel=1e-5)
 
 
 def test_hyperparameter_trial_values_are_used_and_patch_once(tmp_path, caplog):

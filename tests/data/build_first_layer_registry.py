@@ -15,6 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+
 HERE = Path(__file__).resolve().parent
 REGISTRY = HERE.parent.parent / "hf_tract" / "first_layers.json"
 TOWER_RUN = re.compile(r"^(?P<top>\w+) -> (?P<path>[\w.]+) \((?P<tower>\w+)\)")

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from hf_tract import apply_tract
+
 from tests.multiproc.grad_sync import LAMBDA, PER_RANK, plain_grad
 from tests.multiproc.tiny import FIRST_LAYER, TinyImages, tiny_vit
 from tests.oracle import patch_matrix_reference, relative_error, tract_grad_reference

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from hf_tract import apply_tract
+
 from tests.multiproc.tiny import FIRST_LAYER, TinyImages, tiny_vit
 from tests.oracle import patch_matrix_reference, relative_error, tract_grad_reference
+
 
 LAMBDA = 0.1
 PER_RANK = 4

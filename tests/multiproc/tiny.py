@@ -6,6 +6,7 @@ Plain functions in a module, not fixtures, because the scripts under tests/multi
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
+
 FIRST_LAYER = "vit.embeddings.patch_embeddings.projection"
 NUM_LABELS = 3
 
@@ -84,3 +85,15 @@ def conv_stem() -> torch.nn.Conv2d:
     """A bare strided, padded conv (3 -> 8 channels, kernel 4), found as its own first layer."""
     torch.manual_seed(0)
     return torch.nn.Conv2d(3, 8, 4, stride=2, padding=1, bias=False)
+
+
+def make_args(tmp_path, **overrides):
+    """`TrActTrainingArguments` for a short CPU run writing under `tmp_path / "out"`."""
+    from hf_tract import TrActTrainingArguments
+
+    return TrActTrainingArguments(output_dir=str(tmp_path / "out"), **trainer_kwargs(**overrides))
+
+
+def first_weight(model) -> torch.Tensor:
+    """A copy of the tiny ViT's first-layer weight."""
+    return model.get_submodule(FIRST_LAYER).weight.detach().clone()

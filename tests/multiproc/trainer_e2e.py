@@ -15,6 +15,7 @@ import sys
 import torch
 
 from hf_tract import TrActTrainer, TrActTrainingArguments, tract_layers
+
 from tests.multiproc.tiny import FIRST_LAYER, TinyImages, tiny_vit, trainer_kwargs
 
 
