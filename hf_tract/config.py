@@ -28,11 +28,11 @@ def _is_process_group(value: Any) -> bool:
     return dist.is_available() and isinstance(value, dist.ProcessGroup)
 
 
-def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[str, ...]]:
+def parse_targets(target: Union[str, Iterable[str], None]) -> Optional[tuple[str, ...]]:
     """Normalise layer names to the form `TrActConfig.targets` holds.
 
     Args:
-        targets (`str` or `Iterable[str]`, *optional*):
+        target (`str` or `Iterable[str]`, *optional*):
             A dotted module name, a comma-separated list of them (`"a.b,c.d"`, the command-line form), or
             an iterable of names. `None` means "discover the first layer". The tuple `("",)` is how the config
             of a patched bare `nn.Conv2d` / `nn.Linear` names the layer (the model itself); as a target, `""` is
@@ -43,24 +43,24 @@ def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[st
 
     Raises:
         ValueError: If no name is left (`""`, `","`, `[]`): leave the option unset to discover the layer.
-        TypeError: If `targets` is neither a string nor an iterable of strings.
+        TypeError: If `target` is neither a string nor an iterable of strings.
     """
-    if targets is None:
+    if target is None:
         return None
-    if targets == ("",):  # the recorded name of a patched bare layer (the model itself)
-        return targets
-    if isinstance(targets, Iterable) and not isinstance(targets, str):
-        targets = list(targets)
-    if isinstance(targets, str):
-        names = targets.split(",")
-    elif isinstance(targets, list) and all(isinstance(name, str) for name in targets):
-        names = [part for name in targets for part in name.split(",")]
+    if target == ("",):  # the recorded name of a patched bare layer (the model itself)
+        return target
+    if isinstance(target, Iterable) and not isinstance(target, str):
+        target = list(target)
+    if isinstance(target, str):
+        names = target.split(",")
+    elif isinstance(target, list) and all(isinstance(name, str) for name in target):
+        names = [part for name in target for part in name.split(",")]
     else:
-        raise TypeError(f"targets must be a module name, a comma-separated string or a list of names; got {targets!r}.")
+        raise TypeError(f"target must be a module name, a comma-separated string or a list of names; got {target!r}.")
     names = tuple(dict.fromkeys(name.strip() for name in names if name.strip()))
     if not names:
         raise ValueError(
-            f"targets {targets!r} names no layer; leave it unset (None) to discover the first layer, or give "
+            f"target {target!r} names no layer; leave it unset (None) to discover the first layer, or give "
             "dotted module names such as 'vit.embeddings.patch_embeddings.projection'."
         )
     return names

@@ -13,11 +13,16 @@ def _is_compiled(model: nn.Module) -> bool:
 
 
 def unwrap_for_patching(model: nn.Module) -> nn.Module:
-    """The model inside `DistributedDataParallel` / `DataParallel`; refuses wrappers that
-    TrAct cannot be applied through.
+    """The model to patch: the module inside `DistributedDataParallel` / `DataParallel`, or `model` itself.
+
+    Args:
+        model (`nn.Module`): A model, possibly wrapped.
+
+    Returns:
+        `nn.Module`: The bare model.
 
     Raises:
-        RuntimeError: for `torch.compile`, FSDP and DeepSpeed wrappers (patch before wrapping).
+        RuntimeError: For `torch.compile`, FSDP (1 and 2) and DeepSpeed wrappers: they must be applied after TrAct.
     """
     fix = "Call apply_tract(model) on the plain model first, then torch.compile / accelerator.prepare / wrap it."
     if _is_compiled(model):
@@ -32,7 +37,15 @@ def unwrap_for_patching(model: nn.Module) -> nn.Module:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside any wrapper, refusing none: for read-only queries and undo."""
+    """The module inside any wrapper (DDP, DataParallel, FSDP1, DeepSpeed, `torch.compile`), refusing none: for
+    read-only queries and undo.
+
+    Args:
+        model (`nn.Module`): A model, possibly wrapped (several times).
+
+    Returns:
+        `nn.Module`: The innermost model.
+    """
     if _is_compiled(model):
         return unwrap_model(model._orig_mod)
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or type(model).__name__ in _WRAPPER_NAMES:
@@ -41,5 +54,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def is_wrapped(model: nn.Module) -> bool:
-    """True for DDP / DataParallel / FSDP1 / DeepSpeed / compiled wrappers: patching must happen before them."""
+    """Whether `model` is a DDP / DataParallel / FSDP1 / DeepSpeed / compiled wrapper (patching must happen before).
+
+    Args:
+        model (`nn.Module`): A model.
+
+    Returns:
+        `bool`: `True` if [`unwrap_model`] would return another module.
+    """
     return unwrap_model(model) is not model
+
+
+__all__ = ["is_wrapped", "unwrap_for_patching", "unwrap_model"]

@@ -31,3 +31,6 @@ def load_top_k_accuracy(**kwargs):
     import evaluate
 
     return evaluate.load(TOP_K_ACCURACY_PATH, **kwargs)
+
+
+__all__ = ["TOP_K_ACCURACY_PATH", "load_top_k_accuracy"]

@@ -95,3 +95,6 @@ class TopKAccuracy(evaluate.Metric):
 
         total = weights.sum()
         return {f"top{int(k)}_accuracy": float((correct[int(k)] * weights).sum() / total) for k in ks}
+
+
+__all__ = ["TopKAccuracy"]
