@@ -7,7 +7,10 @@ place (`from tests.conftest import tiny_vit, ...` or `from tests.multiproc.tiny 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from hf_tract.environment import LAUNCHER_VARIABLES
 
@@ -35,6 +38,13 @@ __all__ = [
     "tiny_vit",
     "trainer_kwargs",
 ]
+
+
+def pytest_configure(config):
+    # Under pytest-xdist every worker is a process of its own: one torch thread each, so that two workers do not
+    # oversubscribe two cores (the tiny models of the suite are launch-bound; more threads buy them nothing).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Every record of the first-layer survey (tests/data/hf_first_layers_records.json), on its tiny model.
 
 Per record with a first layer:
-- discovery: ``find_first_layers(model)`` finds exactly the recorded layer(s) (for VLM-tower records,
+- discovery: `find_first_layers(model)` finds exactly the recorded layer(s) (for VLM-tower records,
   on the top-level class built on the meta device), and the probe alone, given inputs of the
   recorded shapes, finds them where the survey found them empirically;
 - the patched model's forward is bit-identical to an unpatched copy (eval and train mode);
@@ -12,7 +12,7 @@ Records whose tiny model cannot be built or run here are skipped with the reason
 
 Memory: one record's model is alive at a time (a module-scoped parametrized fixture: pytest runs
 every test of one record, then tears its model down), and the records the survey ran at a default
-size are shrunk (``model_zoo.SHRUNK``).
+size are shrunk (`model_zoo.SHRUNK`).
 """
 
 import copy
@@ -56,21 +56,6 @@ def _params(keys, xfails):
     return [pytest.param(key, marks=marks[key], id=key) for key in keys]
 
 
-@pytest.fixture(scope="module")
-def built(request):
-    """The record's case (or the reason it cannot be built), alive for that record's tests only."""
-    try:
-        yield zoo.build_case(RECORDS[request.param])
-    except zoo.CaseSkip as exc:
-        yield exc
-
-
-def _case(built) -> zoo.Case:
-    if isinstance(built, zoo.CaseSkip):
-        pytest.skip(str(built))
-    return copy.copy(built)
-
-
 def _is_embedding(record):
     return record.get("kind") == "Embedding"
 
@@ -83,16 +68,11 @@ def _grad_cases():
 # discovery
 
 
-@pytest.mark.parametrize("built", _params(sorted(RECORDS), XFAIL_DISCOVERY), indirect=True)
-def test_discovery_finds_the_recorded_layers(built):
-    case = _case(built)
-    record = case.record
-    model = case.model
-    if _is_embedding(record):
-        path = record["first_layer_path"]
-        with pytest.raises(TypeError, match="Embedding"):
-            apply_tract(copy.deepcopy(model), target=path)
-        return
+def _check_discovery(case: zoo.Case) -> None:
+    """`find_first_layers` finds the recorded layer(s); where the survey found them empirically, so does the probe
+    on inputs of the recorded shapes; and the probe alone (registry and timm metadata off, no example input) finds
+    them from the inputs it builds itself."""
+    record, model = case.record, case.model
     if zoo.tower_parts(record) is None:
         assert [name for name, _ in find_first_layers(model)] == case.expected
     if zoo.is_empirical(record):
@@ -100,15 +80,18 @@ def test_discovery_finds_the_recorded_layers(built):
         prefix = "" if probed is model else "inner."
         found = [name for name, _ in find_first_layers(probed, example_inputs=case.inputs)]
         assert found == [prefix + path for path in case.expected]
+    assert [name for name, _ in find_first_layers(model, use_registry=False)] == case.expected
 
 
-@pytest.mark.parametrize("built", _params(_grad_cases(), {}), indirect=True)
-def test_probe_alone_finds_the_recorded_layers(built):
-    """Registry and timm metadata off, no example input: the probe builds its own inputs from the
-    forward signature and the configs, and finds the layer(s) the survey recorded."""
-    case = _case(built)
-    found = [name for name, _ in find_first_layers(case.model, use_registry=False)]
-    assert found == case.expected
+@pytest.mark.parametrize("key", _params(sorted(k for k, r in RECORDS.items() if _is_embedding(r)), {}))
+def test_embedding_first_layers_are_refused(key):
+    """ImageGPT-style records (an `nn.Embedding` over colour ids): no pixel patches, a clear TypeError."""
+    try:
+        case = zoo.build_case(RECORDS[key])
+    except zoo.CaseSkip as exc:
+        pytest.skip(str(exc))
+    with pytest.raises(TypeError, match="Embedding"):
+        apply_tract(case.model, target=case.record["first_layer_path"])
 
 
 # Two-tower models whose record covers one tower (shared/hf_first_layers.md §7): both must be found.
@@ -147,9 +130,15 @@ def _assert_outputs_equal(actual, expected):
         assert torch.equal(a, e)
 
 
-@pytest.mark.parametrize("built", _params(_grad_cases(), XFAIL_GRADIENT), indirect=True)
-def test_forward_bit_identical_and_tract_gradient(built):
-    case = _case(built)
+@pytest.mark.parametrize("key", _params(_grad_cases(), XFAIL_GRADIENT))
+def test_record(key):
+    """One record, end to end: discovery (registry, recorded inputs, probe alone), then the patched model's forward
+    is bit-identical to the plain one and its first-layer gradient is the closed form."""
+    try:
+        case = zoo.build_case(RECORDS[key])
+    except zoo.CaseSkip as exc:
+        pytest.skip(str(exc))
+    _check_discovery(case)
     plain = copy.deepcopy(case.model)
     patched = copy.deepcopy(case.model)
     # Stand-alone VLM towers are not a registry entry of their own: patch the recorded path.
