@@ -64,6 +64,16 @@ SHRUNK: dict[str, tuple[dict, dict]] = {
          "hidden_size": 32, "auxiliary_channels": 16},
         {"pixel_values": [1, 3, 64, 64]},
     ),
+    "swin2sr": ({"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2], "window_size": 8, "image_size": 32},
+                {"pixel_values": [1, 3, 32, 32]}),
+    # (LightGlue shrunk this way finds no keypoint a gradient flows through: it stays at its default size.)
+    "superglue": (
+        {"keypoint_detector_config": {"encoder_hidden_sizes": [8, 8, 16, 16], "decoder_hidden_size": 32,
+                                      "descriptor_decoder_dim": 32, "max_keypoints": 32},
+         "hidden_size": 32, "keypoint_encoder_sizes": [8, 16], "gnn_layers_types": ["self", "cross"],
+         "num_attention_heads": 2},
+        {"pixel_values": [1, 2, 3, 64, 64]},
+    ),
     **{key: ({"backbone": "resnet18"}, {"pixel_values": [1, 3, 64, 64]})
        for key in ("conditional_detr", "deformable_detr", "dab-detr", "table-transformer")},
 }  # fmt: skip

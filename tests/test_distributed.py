@@ -105,8 +105,8 @@ def test_trainer_two_processes_equals_single_process(tmp_path):
 
     from tests.multiproc.tiny import tiny_vit
 
-    torchrun("trainer_e2e.py", str(tmp_path / "ddp_sync"), "4")
-    torchrun("trainer_e2e.py", str(tmp_path / "ddp_local"), "4", json.dumps({"tract_sync_gram": False}))
+    # One launch, two runs: with the Gram all-reduced, then without.
+    torchrun("trainer_e2e.py", str(tmp_path / "ddp_sync"), "4", "{}", str(tmp_path / "ddp_local"), '{"tract_sync_gram": false}')
     _run([sys.executable, str(SCRIPTS / "trainer_e2e.py"), str(tmp_path / "single"), "8"])
 
     run = json.loads((tmp_path / "ddp_sync" / "run.json").read_text())

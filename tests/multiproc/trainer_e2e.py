@@ -5,7 +5,8 @@ process and `tract_sync_gram=True`; `python trainer_e2e.py OUT 8` is the single-
 the same global batches (sequential sampling: process r gets the r-th block of each global
 batch). Both save the model with `save_model`; the test compares the saved weights.
 
-Usage: trainer_e2e.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE [EXTRA_JSON_ARGS]
+Usage: trainer_e2e.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE [EXTRA_JSON_ARGS [OUTPUT_DIR EXTRA_JSON_ARGS ...]]
+(further runs in the same processes, each from the same initial model: one launch, several comparisons).
 """
 
 import json
@@ -54,7 +55,9 @@ def main(output_dir: str, per_device_batch_size: int, extra: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+    runs = [(sys.argv[1], sys.argv[3] if len(sys.argv) > 3 else "{}"), *zip(sys.argv[4::2], sys.argv[5::2])]
+    for output_dir, extra in runs:
+        main(output_dir, int(sys.argv[2]), json.loads(extra))
     # Leave together and close gloo explicitly: a rank exiting while the other still saves, with the process
     # group alive, can abort in gloo's teardown ("terminate called without an active exception").
     if torch.distributed.is_initialized():
