@@ -65,6 +65,7 @@ from transformers import (  # noqa: E402
 )
 
 import hf_tract.functional as tf  # noqa: E402
+from hf_tract.geometry import PatchGeometry  # noqa: E402
 import overhead_report  # noqa: E402
 from hf_tract import apply_tract, remove_tract  # noqa: E402
 
@@ -341,8 +342,8 @@ def _median_time(fn, device, repeats):
 def micro_breakdown(model, first, x, device, repeats):
     """Gram alone, solve alone (float64 / float32), and the Gram's accuracy, for the first layer."""
     layer = model.get_submodule(first)
-    geometry = tf.PatchGeometry.conv(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
-    rows = tf.num_patch_rows(x, geometry)
+    geometry = PatchGeometry.of(layer)
+    rows = geometry.num_rows(x.shape)
     n = layer.weight[0].numel()
     grad_weight = torch.randn_like(layer.weight)
     out = {"num_rows": rows, "n": n, "out_channels": layer.weight.shape[0]}

@@ -15,71 +15,30 @@ Everything here is pure tensor code without host synchronisation: Gram and solve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from .geometry import PatchGeometry
+
+__all__ = [
+    "CPU_FLOAT32_SOLVE_MAX_CONDITION",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "PatchGeometry",  # re-exported: the geometry the functions here take (defined in hf_tract.geometry)
+    "default_solve_dtype",
+    "gram_dtype",
+    "num_patch_rows",
+    "patch_gram",
+    "patch_matrix",
+    "precondition_with_gram",
+    "precondition_with_patches",
+]
 
 # Upper bound on the elements of the patch-matrix chunk materialised at once when computing the
 # Gram of a general convolution (2**25 float32 values = 128 MiB), so the extra memory stays bounded
 # whatever the batch and image size.
 DEFAULT_CHUNK_ELEMENTS = 2**25
-
-PaddingArg = Union[str, int, Sequence[int]]
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """How a layer turns its input into patch rows.
-
-    `spatial_dims == 0` means a linear layer (the rows are the input's last dimension).
-    Convolution attributes use the `torch.nn.ConvNd` conventions; `padding` may be a string
-    (`"same"` / `"valid"`) or one int per spatial dimension.
-    """
-
-    spatial_dims: int = 0
-    kernel_size: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    padding: Union[str, tuple[int, ...]] = ()
-    dilation: tuple[int, ...] = ()
-    groups: int = 1
-    padding_mode: str = "zeros"
-
-    @classmethod
-    def linear(cls) -> "PatchGeometry":
-        return cls()
-
-    @classmethod
-    def conv(
-        cls,
-        kernel_size: Sequence[int],
-        stride: Union[int, Sequence[int]] = 1,
-        padding: PaddingArg = 0,
-        dilation: Union[int, Sequence[int]] = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-    ) -> "PatchGeometry":
-        dims = len(kernel_size)
-
-        def expand(value):
-            return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
-
-        if not isinstance(padding, str):
-            padding = expand(padding)
-        return cls(dims, tuple(int(k) for k in kernel_size), expand(stride), padding, expand(dilation), int(groups), padding_mode)
-
-    def pad_amounts(self) -> tuple[tuple[int, int], ...]:
-        """(left, right) padding per spatial dimension, as the convolution applies it."""
-        if self.padding == "valid":
-            return tuple((0, 0) for _ in self.kernel_size)
-        if self.padding == "same":
-            amounts = []
-            for k, d in zip(self.kernel_size, self.dilation):
-                total = d * (k - 1)
-                amounts.append((total // 2, total - total // 2))
-            return tuple(amounts)
-        return tuple((p, p) for p in self.padding)
 
 
 def gram_dtype(x: torch.Tensor) -> torch.dtype:
@@ -151,16 +110,8 @@ def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
 
 
 def num_patch_rows(x: torch.Tensor, geometry: PatchGeometry) -> int:
-    """N, the number of rows of the patch matrix (computed from shapes only)."""
-    if geometry.spatial_dims == 0:
-        return x.numel() // x.shape[-1] if x.shape[-1] else 0
-    x_shape = _unbatched_to_batched(x, geometry).shape
-    rows = x_shape[0]
-    for size, (left, right), k, s, dil in zip(
-        x_shape[2:], geometry.pad_amounts(), geometry.kernel_size, geometry.stride, geometry.dilation
-    ):
-        rows *= (size + left + right - dil * (k - 1) - 1) // s + 1
-    return rows
+    """N, the number of rows of the patch matrix (computed from shapes only, see [`PatchGeometry.num_rows`])."""
+    return geometry.num_rows(x.shape)
 
 
 def patch_gram(

@@ -25,13 +25,24 @@ from torch.overrides import TorchFunctionMode
 
 from .config import TrActConfig
 from .functional import (
-    PatchGeometry,
     num_patch_rows,
     patch_gram,
     patch_matrix,
     precondition_with_gram,
     precondition_with_patches,
 )
+from .geometry import PatchGeometry
+
+__all__ = [
+    "SUPPORTED_LAYER_TYPES",
+    "TrActConv1d",
+    "TrActConv2d",
+    "TrActConv3d",
+    "TrActLayerMixin",
+    "TrActLinear",
+    "tract_class_for",
+    "tract_weight",
+]
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -171,16 +182,13 @@ class TrActLayerMixin:
 class _TrActConvMixin(TrActLayerMixin):
     def _conv_forward(self, input, weight, bias):
         if _tract_active(self):
-            geometry = PatchGeometry.conv(
-                self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.padding_mode
-            )
-            weight = tract_weight(self, weight, input, geometry)
+            weight = tract_weight(self, weight, input, PatchGeometry.of(self))
         return super()._conv_forward(input, weight, bias)
 
 
 class _TrActLinearMixin(TrActLayerMixin):
     def forward(self, input):
-        weight = tract_weight(self, self.weight, input, PatchGeometry.linear()) if _tract_active(self) else self.weight
+        weight = tract_weight(self, self.weight, input, PatchGeometry.of(self)) if _tract_active(self) else self.weight
         return F.linear(input, weight, self.bias)
 
 
