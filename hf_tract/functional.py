@@ -33,6 +33,7 @@ __all__ = [
     "patch_matrix",
     "precondition_with_gram",
     "precondition_with_patches",
+    "weight_gradient",
 ]
 
 # Upper bound on the elements of the patch-matrix chunk materialised at once when computing the
@@ -75,7 +76,8 @@ def _unbatched_to_batched(x: torch.Tensor, geometry: PatchGeometry) -> torch.Ten
 
 
 def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int):
-    """Yield the transposed patch matrix `A^T` as `(groups, n, rows)`, over chunks of the batch.
+    """Yield `(images, A^T)` over chunks of the batch: the chunk's images (a slice of the batch) and its
+    transposed patch matrix `A^T` as `(groups, n, rows)`.
 
     Columns are output positions, rows follow the weight layout `(in/groups, *kernel)`. This
     layout (patch coordinate major) makes both the gather copy and the Gram product `A^T A`
@@ -93,7 +95,8 @@ def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements:
     order = (1, 2, *range(3 + d, 3 + 2 * d), 0, *range(3, 3 + d))  # (g, C/g, *k, B, *out)
     n = channels // g * math.prod(geometry.kernel_size)
     for start in range(0, batch, step):
-        yield view[start : start + step].permute(order).reshape(g, n, -1)
+        images = slice(start, start + step)
+        yield images, view[images].permute(order).reshape(g, n, -1)
 
 
 def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
@@ -106,7 +109,7 @@ def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
         if geometry.spatial_dims == 0:
             return x.reshape(1, -1, x.shape[-1])
         chunks = _conv_patch_chunks(x, geometry, chunk_elements=x.numel() * math.prod(geometry.kernel_size))
-        return torch.cat(list(chunks), dim=2).transpose(1, 2)
+        return torch.cat([chunk for _, chunk in chunks], dim=2).transpose(1, 2)
 
 
 def num_patch_rows(x: torch.Tensor, geometry: PatchGeometry) -> int:
@@ -129,11 +132,50 @@ def patch_gram(
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             return (rows.T @ rows).unsqueeze(0)
         gram = None
-        for chunk in _conv_patch_chunks(x, geometry, chunk_elements):
+        for _, chunk in _conv_patch_chunks(x, geometry, chunk_elements):
             chunk = chunk.to(dtype)
             part = torch.bmm(chunk, chunk.transpose(1, 2))
             gram = part if gram is None else gram.add_(part)
         return gram
+
+
+def weight_gradient(
+    grad_output: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """The plain weight gradient `grad_Z^T A` of a linear / conv op, formed from its input at full precision.
+
+    Under autocast the op's own backward forms this product from the half-precision copy of the input, and the
+    preconditioner amplifies that rounding along the Gram's weak directions; here the input keeps its own
+    precision, the upstream gradient is used as it is (it is exactly representable in float32), and the
+    products are accumulated in float32 (float64 for float64 input) with autocast disabled. General
+    convolutions are unfolded in chunks of the batch, as for the Gram (see [`patch_gram`]).
+
+    Args:
+        grad_output (`torch.Tensor`): Gradient of the op's output: `(..., out)`, or `(B, out, *positions)` /
+            unbatched `(out, *positions)` for a convolution.
+        x (`torch.Tensor`): The op's input (before any padding the geometry describes).
+        geometry (`PatchGeometry`): How the op turns `x` into patch rows.
+        chunk_elements (`int`, *optional*): Upper bound on the patch values materialised at once.
+
+    Returns:
+        `torch.Tensor`: The weight gradient, `(out, in)` or `(out, in/groups, *kernel)`, in [`gram_dtype`] of `x`.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.detach()
+        dtype = gram_dtype(x)
+        if geometry.spatial_dims == 0:
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            return grad_output.reshape(-1, grad_output.shape[-1]).to(dtype).T @ rows
+        x = _unbatched_to_batched(x, geometry)
+        grad_output = _unbatched_to_batched(grad_output, geometry)
+        g, out_channels = geometry.groups, grad_output.shape[1]
+        grad = None
+        for images, chunk in _conv_patch_chunks(x, geometry, chunk_elements):
+            # Columns in the chunk's row order (image major, then output positions), per group.
+            upstream = grad_output[images].unflatten(1, (g, out_channels // g)).flatten(3).permute(1, 2, 0, 3)
+            part = torch.bmm(upstream.reshape(g, out_channels // g, -1).to(dtype), chunk.to(dtype).transpose(1, 2))
+            grad = part if grad is None else grad.add_(part)
+        return grad.reshape(out_channels, x.shape[1] // g, *geometry.kernel_size)
 
 
 def _grouped(grad_weight: torch.Tensor, groups: int) -> torch.Tensor:
