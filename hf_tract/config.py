@@ -17,10 +17,12 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+from .functional import FLOAT32_REFINED
+
 DEFAULT_LAMBDA = 0.1
 LAMBDA_HELP = "the paper uses 0.1 by default, 0.2 for long runs and 0.05 for short ones, with standardised inputs"
 
-_SOLVE_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+_SOLVE_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64, FLOAT32_REFINED: FLOAT32_REFINED}
 SOLVE_DTYPE_CHOICES = tuple(_SOLVE_DTYPES)
 
 
@@ -66,8 +68,9 @@ def parse_targets(targets: Union[str, Iterable[str], None]) -> Optional[tuple[st
     return names
 
 
-def parse_solve_dtype(solve_dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """`"auto"` / `None` -> `None`, `"float32"` / `torch.float32` -> `torch.float32`, same for float64.
+def parse_solve_dtype(solve_dtype: Union[str, torch.dtype, None]) -> Union[torch.dtype, str, None]:
+    """`"auto"` / `None` -> `None`, `"float32"` / `torch.float32` -> `torch.float32`, same for float64;
+    `"float32_refined"` stays that string (a float32 solve with one float64 refinement step).
 
     Raises:
         ValueError: For any other value.
@@ -77,12 +80,13 @@ def parse_solve_dtype(solve_dtype: Union[str, torch.dtype, None]) -> Optional[to
     if isinstance(solve_dtype, str) and solve_dtype.replace("torch.", "") in _SOLVE_DTYPES:
         return _SOLVE_DTYPES[solve_dtype.replace("torch.", "")]
     raise ValueError(
-        f"solve_dtype must be None ('auto'), torch.float32 ('float32') or torch.float64 ('float64'); got {solve_dtype!r}."
+        f"solve_dtype must be None ('auto'), torch.float32 ('float32'), torch.float64 ('float64') or "
+        f"'{FLOAT32_REFINED}'; got {solve_dtype!r}."
     )
 
 
-def solve_dtype_name(solve_dtype: Optional[torch.dtype]) -> str:
-    """The command-line name of a solve dtype: `"auto"`, `"float32"` or `"float64"`."""
+def solve_dtype_name(solve_dtype: Union[torch.dtype, str, None]) -> str:
+    """The command-line name of a solve dtype: `"auto"`, `"float32"`, `"float64"` or `"float32_refined"`."""
     return {value: name for name, value in _SOLVE_DTYPES.items()}[solve_dtype]
 
 
@@ -127,10 +131,12 @@ class TrActConfig:
             All-reduce the patch Gram across processes (`True`: the default group; or a given group), so that
             R processes compute exactly single-process TrAct on the global batch. `False`: each process uses
             its own batch's Gram, like BatchNorm.
-        solve_dtype (`torch.dtype`, *optional*):
+        solve_dtype (`torch.dtype` or `str`, *optional*):
             dtype of the Cholesky solve: `torch.float32`, `torch.float64`, or `None` (also `"auto"`): float64
             on GPUs; on CPU float32 when an a-priori condition bound guarantees ~1e-3 accuracy, else float64.
-            The strings `"float32"` / `"float64"` are accepted.
+            The strings `"float32"` / `"float64"` are accepted. `"float32_refined"`: a float32 factorisation
+            and one step of iterative refinement with a float64 residual (accuracy measured in
+            `benchmarks/results/solve_precision_cpu.md`).
 
     Example:
         ```python
@@ -145,7 +151,7 @@ class TrActConfig:
     lambda_: float = DEFAULT_LAMBDA
     targets: Optional[tuple[str, ...]] = None
     sync_gram: Union[bool, Any] = False
-    solve_dtype: Optional[torch.dtype] = None
+    solve_dtype: Union[torch.dtype, str, None] = None
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_", check_lambda(self.lambda_))

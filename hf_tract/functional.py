@@ -25,6 +25,7 @@ from .geometry import PatchGeometry
 __all__ = [
     "CPU_FLOAT32_SOLVE_MAX_CONDITION",
     "DEFAULT_CHUNK_ELEMENTS",
+    "FLOAT32_REFINED",
     "PatchGeometry",  # re-exported: the geometry the functions here take (defined in hf_tract.geometry)
     "default_solve_dtype",
     "gram_dtype",
@@ -33,6 +34,7 @@ __all__ = [
     "patch_matrix",
     "precondition_with_gram",
     "precondition_with_patches",
+    "refined_cholesky_solve",
     "weight_gradient",
 ]
 
@@ -183,6 +185,9 @@ def _grouped(grad_weight: torch.Tensor, groups: int) -> torch.Tensor:
     return grad_weight.reshape(groups, grad_weight.shape[0] // groups, -1)
 
 
+# The `solve_dtype` value of a float32 Cholesky solve with one step of iterative refinement (float64 residual).
+FLOAT32_REFINED = "float32_refined"
+
 # Default solve precision on CPU: float32 when the a-priori bound on the condition number of
 # G/N + λI keeps the solve's relative error (about bound * 2**-24) below 1e-3 — standardised inputs
 # of first layers up to n ≈ 1600 — and float64 otherwise (e.g. pixels in [0, 255]).
@@ -209,7 +214,7 @@ def precondition_with_gram(
     gram: torch.Tensor,
     num_rows: Union[int, torch.Tensor],
     lambda_: float,
-    solve_dtype: Optional[torch.dtype] = None,
+    solve_dtype: Union[torch.dtype, str, None] = None,
 ) -> torch.Tensor:
     """`grad_W · (G / N + λ I)^-1` for each group, via a Cholesky solve.
 
@@ -222,6 +227,8 @@ def precondition_with_gram(
             (float64 on GPUs; on CPU float32 when provably accurate). The regularised Gram's eigenvalues are
             at least λ, but its largest grow with the input scale: float64 keeps un-standardised
             inputs (e.g. pixels in [0, 255]) solvable. float32 is a documented speed option.
+            [`FLOAT32_REFINED`] (`"float32_refined"`): a float32 factorisation and one step of iterative
+            refinement with the residual in float64 ([`refined_cholesky_solve`]).
 
     Returns:
         `torch.Tensor`: The TrAct weight gradient, with the dtype and shape of `grad_weight`.
@@ -236,22 +243,63 @@ def precondition_with_gram(
       preconditioner with the Gram replaced by its mean eigenvalue.
     """
     groups, n, _ = gram.shape
-    dtype = solve_dtype or default_solve_dtype(gram, num_rows, lambda_)
+    refine = solve_dtype == FLOAT32_REFINED
+    # The refined solve keeps the system in float64 for its residual and factorises a float32 copy.
+    dtype = torch.float64 if refine else solve_dtype or default_solve_dtype(gram, num_rows, lambda_)
     with torch.autocast(grad_weight.device.type, enabled=False):
         eye = torch.eye(n, dtype=dtype, device=gram.device)
         if isinstance(num_rows, torch.Tensor):
             num_rows = num_rows.to(dtype)
         regularized = gram.to(dtype) / num_rows + lambda_ * eye
         rhs = _grouped(grad_weight, groups).to(dtype).transpose(1, 2)  # (g, n, out/g)
-        factor, info = torch.linalg.cholesky_ex(regularized)
-        solved = torch.cholesky_solve(rhs, factor)
+        if refine:
+            solved, info = refined_cholesky_solve(regularized, rhs)
+        else:
+            factor, info = torch.linalg.cholesky_ex(regularized)
+            solved = torch.cholesky_solve(rhs, factor)
         failed = (info != 0).reshape(groups, 1, 1)
         if gram.device.type == "cpu" and failed.any() and torch.isfinite(regularized).all():
-            solved = torch.where(failed, _eigh_solve(regularized, rhs, lambda_).to(dtype), solved)
+            solved = torch.where(failed, _eigh_solve(regularized, rhs, lambda_).to(solved.dtype), solved)
         else:
             mean_eig = regularized.diagonal(dim1=1, dim2=2).mean(-1).reshape(groups, 1, 1)
             solved = torch.where(failed, rhs / mean_eig, solved)
         return solved.transpose(1, 2).reshape(grad_weight.shape).to(grad_weight.dtype)
+
+
+def refined_cholesky_solve(
+    matrix: torch.Tensor, rhs: torch.Tensor, steps: int = 1, residual_dtype: Optional[torch.dtype] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`matrix^-1 rhs` by a float32 Cholesky factorisation and `steps` steps of iterative refinement.
+
+    Each step computes the residual `rhs - matrix @ x` in `residual_dtype` and adds the float32 solution of the
+    correction. The factorisation and triangular solves run in float32 (fast on every GPU); only the residual
+    product runs in the higher precision. A residual in float32 does not improve the forward error (its own
+    rounding is as large as the residual); `benchmarks/solve_precision.py` measures both. Everything stays on
+    the device: no host synchronisation.
+
+    Args:
+        matrix (`torch.Tensor`): Symmetric positive definite `(..., n, n)` (its lower triangle is read), in the
+            residual's precision.
+        rhs (`torch.Tensor`): Right-hand sides `(..., n, k)`.
+        steps (`int`, *optional*, defaults to `1`): Refinement steps (0: the plain float32 solve).
+        residual_dtype (`torch.dtype`, *optional*): dtype of the residual; default `matrix.dtype`.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: The float32 solution and the factorisation's `info` (non-zero where
+        it failed, as `torch.linalg.cholesky_ex` returns it).
+    """
+    residual_dtype = residual_dtype or matrix.dtype
+    factor, info = torch.linalg.cholesky_ex(matrix.float())
+    solved = torch.cholesky_solve(rhs.float(), factor)
+    if steps:
+        # The factorisation reads the lower triangle only; a Gram accumulated in float32 is symmetric only up to
+        # its rounding (5e-6 relative on 2e5 Fashion-MNIST rows), so the residual uses that same triangle.
+        lower = matrix.tril()
+        high_matrix, high_rhs = (lower + lower.tril(-1).mT).to(residual_dtype), rhs.to(residual_dtype)
+        for _ in range(steps):
+            residual = high_rhs - high_matrix @ solved.to(residual_dtype)
+            solved = solved + torch.cholesky_solve(residual.float(), factor)
+    return solved, info
 
 
 def _eigh_solve(regularized: torch.Tensor, rhs: torch.Tensor, lambda_: float) -> torch.Tensor:
@@ -265,7 +313,7 @@ def precondition_with_patches(
     grad_weight: torch.Tensor,
     patches: torch.Tensor,
     lambda_: float,
-    solve_dtype: Optional[torch.dtype] = None,
+    solve_dtype: Union[torch.dtype, str, None] = None,
 ) -> torch.Tensor:
     """Woodbury form of [`precondition_with_gram`], cheaper when N < n.
 
@@ -273,7 +321,8 @@ def precondition_with_patches(
     solved. `patches` is `A` as `(groups, N, n)`.
     """
     groups, rows, _ = patches.shape
-    dtype = solve_dtype or torch.float64
+    # The N x N system is small (N < n): float64 also for the refined option.
+    dtype = torch.float64 if solve_dtype in (None, FLOAT32_REFINED) else solve_dtype
     with torch.autocast(grad_weight.device.type, enabled=False):
         a = patches.to(dtype)
         g = _grouped(grad_weight, groups).to(dtype)  # (g, out/g, n)
