@@ -17,11 +17,12 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .functional import FLOAT32_REFINED
-
 DEFAULT_LAMBDA = 0.1
 LAMBDA_HELP = "the paper uses 0.1 by default, 0.2 for long runs and 0.05 for short ones, with standardised inputs"
 
+# The solve_dtype value of a float32 Cholesky solve with one step of iterative refinement (float64 residual),
+# `hf_tract.functional.refined_cholesky_solve`: a string, as no torch dtype names it.
+FLOAT32_REFINED = "float32_refined"
 _SOLVE_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64, FLOAT32_REFINED: FLOAT32_REFINED}
 SOLVE_DTYPE_CHOICES = tuple(_SOLVE_DTYPES)
 
@@ -195,4 +196,4 @@ class TrActConfig:
         return f"lambda={self.lambda_:g}, sync_gram={values['sync_gram']}, solve_dtype={values['solve_dtype']}"
 
 
-__all__ = ["TrActConfig", "DEFAULT_LAMBDA", "SOLVE_DTYPE_CHOICES", "parse_targets", "parse_solve_dtype", "check_lambda"]
+__all__ = ["TrActConfig", "DEFAULT_LAMBDA", "FLOAT32_REFINED", "SOLVE_DTYPE_CHOICES", "parse_targets", "parse_solve_dtype", "check_lambda"]

@@ -20,12 +20,13 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .config import FLOAT32_REFINED
 from .geometry import PatchGeometry
 
 __all__ = [
     "CPU_FLOAT32_SOLVE_MAX_CONDITION",
     "DEFAULT_CHUNK_ELEMENTS",
-    "FLOAT32_REFINED",
+    "FLOAT32_REFINED",  # re-exported from hf_tract.config, where the solve-dtype choices live
     "PatchGeometry",  # re-exported: the geometry the functions here take (defined in hf_tract.geometry)
     "default_solve_dtype",
     "gram_dtype",
@@ -184,9 +185,6 @@ def _grouped(grad_weight: torch.Tensor, groups: int) -> torch.Tensor:
     """`(out, in/groups, *k)` -> `(groups, out/groups, n)`."""
     return grad_weight.reshape(groups, grad_weight.shape[0] // groups, -1)
 
-
-# The `solve_dtype` value of a float32 Cholesky solve with one step of iterative refinement (float64 residual).
-FLOAT32_REFINED = "float32_refined"
 
 # Default solve precision on CPU: float32 when the a-priori bound on the condition number of
 # G/N + λI keeps the solve's relative error (about bound * 2**-24) below 1e-3 — standardised inputs
