@@ -22,9 +22,12 @@
 #    hard stop 60 s later;
 #    writes overhead_gpu_2.{json,md,log} (into benchmarks/results/ as they are) and test_gpu_2.log, env.txt.
 #
-# torch-tract (and pytest, where the machine lacks it) is installed from the wheels carried in .whl/
-# (the device machine has no network):  pip download --no-deps torch-tract==1.0.0 -d .whl
-#                                        pip download --no-deps pytest iniconfig pluggy packaging pygments -d .whl   (used only where pytest is missing)
+# torch-tract (and pytest, datasets and evaluate, where the machine lacks them: the lent H200 image has no datasets
+# nor evaluate, which part 2's example runs import) is installed from the wheels carried in .whl/ (the device
+# machine has no network):  pip download --no-deps torch-tract==1.0.0 -d .whl
+#   pip download --no-deps pytest iniconfig pluggy packaging pygments -d .whl   (used only where pytest is missing)
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform any \
+#       datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 -d .whl   (part 2; py312: the device's python)
 #
 # Usage on the device (repository root):   HF_TRACT_COMMIT=<sha> bash benchmarks/gpu_run.sh
 #                                          HF_TRACT_COMMIT=<sha> GPU_RUN_PART=2 bash benchmarks/gpu_run.sh
@@ -64,6 +67,8 @@ install_from_wheels() {  # $1: import name, $2...: wheel globs in .whl/; no netw
 }
 install_from_wheels torch_tract "torch_tract-*.whl"
 install_from_wheels pytest "pytest-*.whl" "iniconfig-*.whl" "pluggy-*.whl" "packaging-*.whl" "pygments-*.whl"
+install_from_wheels datasets "datasets-*.whl" "dill-*.whl" "multiprocess-*.whl"
+install_from_wheels evaluate "evaluate-*.whl"
 
 {
   echo "date: $(date -u)"
@@ -72,6 +77,7 @@ install_from_wheels pytest "pytest-*.whl" "iniconfig-*.whl" "pluggy-*.whl" "pack
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'gpu', torch.cuda.is_available())"
   "$PY" -c "import torch_tract, importlib.metadata as m; print('torch-tract', m.version('torch-tract'))" 2>&1 | tail -1
   "$PY" -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
+  "$PY" -c "import datasets, evaluate; print('datasets', datasets.__version__, 'evaluate', evaluate.__version__)" 2>&1 | tail -1
 } | tee "$OUT/env.txt"
 
 export HF_TRACT_COMMIT=${HF_TRACT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
