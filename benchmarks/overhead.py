@@ -15,6 +15,7 @@ Variants:
     plain            the model as built
     hf_tract         ``apply_tract(model, 0.1, target=<first layer>)`` (float64 Cholesky solve, default)
     hf_tract_f32     same with ``solve_dtype=torch.float32``
+    hf_tract_f32r    same with ``solve_dtype="float32_refined"`` (float32 Cholesky, one float64 refinement step)
     official         ``torch_tract.TrAct(first_layer, l=0.1)`` (torch-tract 1.0.0) where it runs;
                      a failure is recorded with its message (it crashes under bf16 autocast)
 
@@ -65,6 +66,8 @@ from transformers import (  # noqa: E402
 )
 
 import hf_tract.functional as tf  # noqa: E402
+from hf_tract.functional import FLOAT32_REFINED  # noqa: E402
+from hf_tract.geometry import PatchGeometry  # noqa: E402
 import overhead_report  # noqa: E402
 from hf_tract import apply_tract, remove_tract  # noqa: E402
 
@@ -168,6 +171,7 @@ def make_variants(model, first, names, device):
     variants = {"plain": Variant("plain", lambda: None)}
     variants["hf_tract"] = Variant("hf_tract", hf(None), deactivate_hf)
     variants["hf_tract_f32"] = Variant("hf_tract_f32", hf(torch.float32), deactivate_hf)
+    variants["hf_tract_f32r"] = Variant("hf_tract_f32r", hf(FLOAT32_REFINED), deactivate_hf)
     if "official" in names:
         import torch_tract
 
@@ -339,10 +343,11 @@ def _median_time(fn, device, repeats):
 
 
 def micro_breakdown(model, first, x, device, repeats):
-    """Gram alone, solve alone (float64 / float32), and the Gram's accuracy, for the first layer."""
+    """Gram alone, solve alone (float64 / float32 / float32 refined), the Gram's and the solves' accuracy, and the
+    full-precision weight gradient TrAct forms under autocast, for the first layer."""
     layer = model.get_submodule(first)
-    geometry = tf.PatchGeometry.conv(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
-    rows = tf.num_patch_rows(x, geometry)
+    geometry = PatchGeometry.of(layer)
+    rows = geometry.num_rows(x.shape)
     n = layer.weight[0].numel()
     grad_weight = torch.randn_like(layer.weight)
     out = {"num_rows": rows, "n": n, "out_channels": layer.weight.shape[0]}
@@ -353,10 +358,16 @@ def micro_breakdown(model, first, x, device, repeats):
         for name, dtype in (("solve_f64_ms", torch.float64), ("solve_f32_ms", torch.float32)):
             out[name] = _median_time(lambda: tf.precondition_with_patches(grad_weight, patches, LAMBDA, dtype), device, repeats)
         return out
+    # The weight gradient formed from the float32 input and a bf16 upstream gradient (TrAct under autocast).
+    with torch.no_grad():
+        upstream = torch.randn_like(layer(x)).bfloat16()
+    out["weight_grad_fp32_ms"] = _median_time(lambda: tf.weight_gradient(upstream, x, geometry), device, repeats)
     out["path"] = "gram"
     out["gram_ms"] = _median_time(lambda: tf.patch_gram(x, geometry), device, repeats)
     gram = tf.patch_gram(x, geometry)
-    for name, dtype in (("solve_f64_ms", torch.float64), ("solve_f32_ms", torch.float32)):
+    for name, dtype in (
+        ("solve_f64_ms", torch.float64), ("solve_f32_ms", torch.float32), ("solve_f32r_ms", FLOAT32_REFINED)
+    ):
         out[name] = _median_time(lambda: tf.precondition_with_gram(grad_weight, gram, rows, LAMBDA, dtype), device, repeats)
     # Split of the solve: factorisation (batch only) vs triangular solves (needs the gradient).
     for suffix, dtype in (("f64", torch.float64), ("f32", torch.float32)):
@@ -380,6 +391,8 @@ def micro_breakdown(model, first, x, device, repeats):
     g64 = tf.precondition_with_gram(grad_weight.double(), gram, rows, LAMBDA, torch.float64)
     g32 = tf.precondition_with_gram(grad_weight, gram, rows, LAMBDA, torch.float32)
     out["solve_f32_rel_err"] = float((g32.double() - g64).norm() / g64.norm())
+    g32r = tf.precondition_with_gram(grad_weight, gram, rows, LAMBDA, FLOAT32_REFINED)
+    out["solve_f32r_rel_err"] = float((g32r.double() - g64).norm() / g64.norm())
     return out
 
 
@@ -391,7 +404,7 @@ def layer_only(model, first, x, device, dtype_name, repeats, variant_names):
 
     layer = model.get_submodule(first)
     modules = {"plain": copy.deepcopy(layer)}
-    for name, dtype in (("hf_tract", None), ("hf_tract_f32", torch.float32)):
+    for name, dtype in (("hf_tract", None), ("hf_tract_f32", torch.float32), ("hf_tract_f32r", FLOAT32_REFINED)):
         if name in variant_names:
             holder = nn.Sequential(copy.deepcopy(layer))
             apply_tract(holder, LAMBDA, target="0", solve_dtype=dtype)
@@ -537,7 +550,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"])
     parser.add_argument("--variants", nargs="+", default=None,
-                        choices=["plain", "hf_tract", "hf_tract_f32", "official"])
+                        choices=["plain", "hf_tract", "hf_tract_f32", "hf_tract_f32r", "official"])
     parser.add_argument("--batch", type=int, default=None, help="override the batch of every model")
     parser.add_argument("--seconds", type=float, default=None, help="timing budget per setting")
     parser.add_argument("--min-rounds", type=int, default=None)
@@ -583,7 +596,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if args.mode == "gpu" else "cpu"))
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
-    variant_names = args.variants or ["plain", "hf_tract", "hf_tract_f32", "official"]
+    variant_names = args.variants or ["plain", "hf_tract", "hf_tract_f32", "hf_tract_f32r", "official"]
     if "plain" not in variant_names:
         variant_names = ["plain"] + variant_names
     tag = args.tag or args.mode + ("_tiny" if args.tiny and args.mode != "smoke" else "")

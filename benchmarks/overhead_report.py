@@ -76,8 +76,8 @@ def render_markdown(data: dict[str, Any]) -> str:
             "",
             "## Micro-breakdown (first layer alone, median ms)",
             "",
-            "| model | dtype | N rows | n | path | Gram / patches | solve f64 | (factor / triangular) | solve f32 | (factor / triangular) | Gram TF32 | Gram fp32 rel err | Gram TF32 rel err | f32-solve rel err |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | dtype | N rows | n | path | Gram / patches | solve f64 | (factor / triangular) | solve f32 | (factor / triangular) | solve f32 refined | fp32 weight grad | Gram TF32 | Gram fp32 rel err | Gram TF32 rel err | f32-solve rel err | f32-refined rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in micro:
             m = s["micro"]
@@ -92,9 +92,10 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"| {s['model']} | {s['dtype']} | {m['num_rows']} | {m['n']} | {m['path']} | "
                 f"{f('gram_ms') if 'gram_ms' in m else f('patch_matrix_ms')} | {f('solve_f64_ms')} | "
                 f"{f('factor_f64_ms')} / {f('triangular_solve_f64_ms')} | {f('solve_f32_ms')} | "
-                f"{f('factor_f32_ms')} / {f('triangular_solve_f32_ms')} | "
+                f"{f('factor_f32_ms')} / {f('triangular_solve_f32_ms')} | {f('solve_f32r_ms')} | "
+                f"{f('weight_grad_fp32_ms')} | "
                 f"{f('gram_tf32_ms')} | {f('gram_fp32_rel_err', '{:.1e}')} | {f('gram_tf32_rel_err', '{:.1e}')} | "
-                f"{f('solve_f32_rel_err', '{:.1e}')} |"
+                f"{f('solve_f32_rel_err', '{:.1e}')} | {f('solve_f32r_rel_err', '{:.1e}')} |"
             )
     layered = [s for s in data["settings"] if s.get("layer_only") and "ms" in s["layer_only"]]
     if layered:

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import difflib
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .functional import PatchGeometry, num_patch_rows
+from .geometry import PatchGeometry, gram_size, step_cost  # noqa: F401  (gram_size: importable from here, as before)
 from .probe_inputs import candidate_inputs
 from .targets import find_first_layers
 
@@ -70,22 +69,6 @@ class FirstLayerReport:
     gram_bytes: int
 
 
-def gram_size(layer: nn.Module) -> tuple[int, int]:
-    """`(n, groups)`: the Gram size of a Linear / ConvNd layer and its number of groups."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, 1
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return layer.in_channels // layer.groups * math.prod(layer.kernel_size), layer.groups
-    raise TypeError(f"TrAct supports nn.Linear and nn.Conv1d/2d/3d layers, not {type(layer).__name__}")
-
-
-def layer_geometry(layer: nn.Module) -> PatchGeometry:
-    """The patch geometry of a Linear / ConvNd layer."""
-    if isinstance(layer, nn.Linear):
-        return PatchGeometry.linear()
-    return PatchGeometry.conv(layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
-
-
 def inspect_model(
     model: nn.Module, batch_size: int = 128, image_size: int | None = None, quiet: bool = False
 ) -> tuple[list[FirstLayerReport], float | None]:
@@ -111,7 +94,7 @@ def inspect_model(
     def record(name):
         def hook(module, args, output):
             if args and isinstance(args[0], torch.Tensor):
-                rows_per_image[name] = num_patch_rows(args[0], layer_geometry(module)) // images
+                rows_per_image[name] = PatchGeometry.of(module).num_rows(args[0].shape) // images
 
         return hook
 
@@ -151,27 +134,23 @@ def inspect_model(
 
     reports = []
     for name, layer in layers:
-        n, groups = gram_size(layer)
-        out_per_group = layer.weight.shape[0] // groups
         rows = rows_per_image.get(name)
         if rows is None:
             rows = _rows_from_geometry(layer, pixels, image_size)
-        rows_per_step = batch_size * rows
+        cost = step_cost(layer, batch_size * rows)
         reports.append(
             FirstLayerReport(
                 name=name,
                 layer_class=type(layer).__name__,
                 weight_shape=list(layer.weight.shape),
-                groups=groups,
-                n=n,
+                groups=cost.groups,
+                n=cost.n,
                 patch_rows_per_image=rows,
-                patch_rows_per_step=rows_per_step,
-                gram_gflops=2 * groups * rows_per_step * n * n / 1e9,
-                # Cholesky (n^3/3) plus the two triangular solves for out/groups right-hand sides, per group.
-                solve_gflops=groups * (n**3 / 3 + 2 * n * n * out_per_group) / 1e9,
-                # Forward 2*N*n*out plus a backward twice that (input and weight gradients).
-                layer_train_gflops=6 * rows_per_step * n * out_per_group * groups / 1e9,
-                gram_bytes=4 * groups * n * n,
+                patch_rows_per_step=cost.patch_rows,
+                gram_gflops=cost.gram_flops / 1e9,
+                solve_gflops=cost.solve_flops / 1e9,
+                layer_train_gflops=cost.layer_train_flops / 1e9,
+                gram_bytes=cost.gram_bytes,
             )
         )
     model_train_gflops = None if model_forward_flops is None else 3 * batch_size * model_forward_flops / 1e9
@@ -184,8 +163,7 @@ def _rows_from_geometry(layer: nn.Module, pixels: torch.Tensor | None, image_siz
         return 1
     side = image_size or 224
     spatial = pixels.shape[-len(layer.kernel_size) :] if pixels is not None else (side,) * len(layer.kernel_size)
-    x = torch.empty((1, layer.in_channels, *spatial), device="meta")
-    return num_patch_rows(x, layer_geometry(layer))
+    return PatchGeometry.of(layer).num_rows((1, layer.in_channels, *spatial))
 
 
 def _offline() -> bool:

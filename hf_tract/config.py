@@ -20,7 +20,10 @@ import torch.distributed as dist
 DEFAULT_LAMBDA = 0.1
 LAMBDA_HELP = "the paper uses 0.1 by default, 0.2 for long runs and 0.05 for short ones, with standardised inputs"
 
-_SOLVE_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+# The solve_dtype value of a float32 Cholesky solve with one step of iterative refinement (float64 residual),
+# `hf_tract.functional.refined_cholesky_solve`: a string, as no torch dtype names it.
+FLOAT32_REFINED = "float32_refined"
+_SOLVE_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64, FLOAT32_REFINED: FLOAT32_REFINED}
 SOLVE_DTYPE_CHOICES = tuple(_SOLVE_DTYPES)
 
 
@@ -66,8 +69,9 @@ def parse_targets(target: Union[str, Iterable[str], None]) -> Optional[tuple[str
     return names
 
 
-def parse_solve_dtype(solve_dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """`"auto"` / `None` -> `None`, `"float32"` / `torch.float32` -> `torch.float32`, same for float64.
+def parse_solve_dtype(solve_dtype: Union[str, torch.dtype, None]) -> Union[torch.dtype, str, None]:
+    """`"auto"` / `None` -> `None`, `"float32"` / `torch.float32` -> `torch.float32`, same for float64;
+    `"float32_refined"` stays that string (a float32 solve with one float64 refinement step).
 
     Raises:
         ValueError: For any other value.
@@ -77,12 +81,13 @@ def parse_solve_dtype(solve_dtype: Union[str, torch.dtype, None]) -> Optional[to
     if isinstance(solve_dtype, str) and solve_dtype.replace("torch.", "") in _SOLVE_DTYPES:
         return _SOLVE_DTYPES[solve_dtype.replace("torch.", "")]
     raise ValueError(
-        f"solve_dtype must be None ('auto'), torch.float32 ('float32') or torch.float64 ('float64'); got {solve_dtype!r}."
+        f"solve_dtype must be None ('auto'), torch.float32 ('float32'), torch.float64 ('float64') or "
+        f"'{FLOAT32_REFINED}'; got {solve_dtype!r}."
     )
 
 
-def solve_dtype_name(solve_dtype: Optional[torch.dtype]) -> str:
-    """The command-line name of a solve dtype: `"auto"`, `"float32"` or `"float64"`."""
+def solve_dtype_name(solve_dtype: Union[torch.dtype, str, None]) -> str:
+    """The command-line name of a solve dtype: `"auto"`, `"float32"`, `"float64"` or `"float32_refined"`."""
     return {value: name for name, value in _SOLVE_DTYPES.items()}[solve_dtype]
 
 
@@ -127,10 +132,12 @@ class TrActConfig:
             All-reduce the patch Gram across processes (`True`: the default group; or a given group), so that
             R processes compute exactly single-process TrAct on the global batch. `False`: each process uses
             its own batch's Gram, like BatchNorm.
-        solve_dtype (`torch.dtype`, *optional*):
+        solve_dtype (`torch.dtype` or `str`, *optional*):
             dtype of the Cholesky solve: `torch.float32`, `torch.float64`, or `None` (also `"auto"`): float64
             on GPUs; on CPU float32 when an a-priori condition bound guarantees ~1e-3 accuracy, else float64.
-            The strings `"float32"` / `"float64"` are accepted.
+            The strings `"float32"` / `"float64"` are accepted. `"float32_refined"`: a float32 factorisation
+            and one step of iterative refinement with a float64 residual (accuracy measured in
+            `benchmarks/results/solve_precision_cpu.md`).
 
     Example:
         ```python
@@ -145,7 +152,7 @@ class TrActConfig:
     lambda_: float = DEFAULT_LAMBDA
     targets: Optional[tuple[str, ...]] = None
     sync_gram: Union[bool, Any] = False
-    solve_dtype: Optional[torch.dtype] = None
+    solve_dtype: Union[torch.dtype, str, None] = None
 
     def __post_init__(self):
         object.__setattr__(self, "lambda_", check_lambda(self.lambda_))
@@ -226,4 +233,4 @@ class TrActConfig:
         return f"lambda={self.lambda_:g}, sync_gram={values['sync_gram']}, solve_dtype={values['solve_dtype']}"
 
 
-__all__ = ["TrActConfig", "DEFAULT_LAMBDA", "SOLVE_DTYPE_CHOICES", "parse_targets", "parse_solve_dtype", "check_lambda"]
+__all__ = ["TrActConfig", "DEFAULT_LAMBDA", "FLOAT32_REFINED", "SOLVE_DTYPE_CHOICES", "parse_targets", "parse_solve_dtype", "check_lambda"]

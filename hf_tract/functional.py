@@ -15,71 +15,34 @@ Everything here is pure tensor code without host synchronisation: Gram and solve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from .config import FLOAT32_REFINED
+from .geometry import PatchGeometry
+
+__all__ = [
+    "CPU_FLOAT32_SOLVE_MAX_CONDITION",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "FLOAT32_REFINED",  # re-exported from hf_tract.config, where the solve-dtype choices live
+    "PatchGeometry",  # re-exported: the geometry the functions here take (defined in hf_tract.geometry)
+    "default_solve_dtype",
+    "gram_dtype",
+    "num_patch_rows",
+    "patch_gram",
+    "patch_matrix",
+    "precondition_with_gram",
+    "precondition_with_patches",
+    "refined_cholesky_solve",
+    "weight_gradient",
+]
 
 # Upper bound on the elements of the patch-matrix chunk materialised at once when computing the
 # Gram of a general convolution (2**25 float32 values = 128 MiB), so the extra memory stays bounded
 # whatever the batch and image size.
 DEFAULT_CHUNK_ELEMENTS = 2**25
-
-PaddingArg = Union[str, int, Sequence[int]]
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """How a layer turns its input into patch rows.
-
-    `spatial_dims == 0` means a linear layer (the rows are the input's last dimension).
-    Convolution attributes use the `torch.nn.ConvNd` conventions; `padding` may be a string
-    (`"same"` / `"valid"`) or one int per spatial dimension.
-    """
-
-    spatial_dims: int = 0
-    kernel_size: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    padding: Union[str, tuple[int, ...]] = ()
-    dilation: tuple[int, ...] = ()
-    groups: int = 1
-    padding_mode: str = "zeros"
-
-    @classmethod
-    def linear(cls) -> "PatchGeometry":
-        return cls()
-
-    @classmethod
-    def conv(
-        cls,
-        kernel_size: Sequence[int],
-        stride: Union[int, Sequence[int]] = 1,
-        padding: PaddingArg = 0,
-        dilation: Union[int, Sequence[int]] = 1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-    ) -> "PatchGeometry":
-        dims = len(kernel_size)
-
-        def expand(value):
-            return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
-
-        if not isinstance(padding, str):
-            padding = expand(padding)
-        return cls(dims, tuple(int(k) for k in kernel_size), expand(stride), padding, expand(dilation), int(groups), padding_mode)
-
-    def pad_amounts(self) -> tuple[tuple[int, int], ...]:
-        """(left, right) padding per spatial dimension, as the convolution applies it."""
-        if self.padding == "valid":
-            return tuple((0, 0) for _ in self.kernel_size)
-        if self.padding == "same":
-            amounts = []
-            for k, d in zip(self.kernel_size, self.dilation):
-                total = d * (k - 1)
-                amounts.append((total // 2, total - total // 2))
-            return tuple(amounts)
-        return tuple((p, p) for p in self.padding)
 
 
 def gram_dtype(x: torch.Tensor) -> torch.dtype:
@@ -116,7 +79,8 @@ def _unbatched_to_batched(x: torch.Tensor, geometry: PatchGeometry) -> torch.Ten
 
 
 def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int):
-    """Yield the transposed patch matrix `A^T` as `(groups, n, rows)`, over chunks of the batch.
+    """Yield `(images, A^T)` over chunks of the batch: the chunk's images (a slice of the batch) and its
+    transposed patch matrix `A^T` as `(groups, n, rows)`.
 
     Columns are output positions, rows follow the weight layout `(in/groups, *kernel)`. This
     layout (patch coordinate major) makes both the gather copy and the Gram product `A^T A`
@@ -134,7 +98,8 @@ def _conv_patch_chunks(x: torch.Tensor, geometry: PatchGeometry, chunk_elements:
     order = (1, 2, *range(3 + d, 3 + 2 * d), 0, *range(3, 3 + d))  # (g, C/g, *k, B, *out)
     n = channels // g * math.prod(geometry.kernel_size)
     for start in range(0, batch, step):
-        yield view[start : start + step].permute(order).reshape(g, n, -1)
+        images = slice(start, start + step)
+        yield images, view[images].permute(order).reshape(g, n, -1)
 
 
 def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
@@ -147,20 +112,12 @@ def patch_matrix(x: torch.Tensor, geometry: PatchGeometry) -> torch.Tensor:
         if geometry.spatial_dims == 0:
             return x.reshape(1, -1, x.shape[-1])
         chunks = _conv_patch_chunks(x, geometry, chunk_elements=x.numel() * math.prod(geometry.kernel_size))
-        return torch.cat(list(chunks), dim=2).transpose(1, 2)
+        return torch.cat([chunk for _, chunk in chunks], dim=2).transpose(1, 2)
 
 
 def num_patch_rows(x: torch.Tensor, geometry: PatchGeometry) -> int:
-    """N, the number of rows of the patch matrix (computed from shapes only)."""
-    if geometry.spatial_dims == 0:
-        return x.numel() // x.shape[-1] if x.shape[-1] else 0
-    x_shape = _unbatched_to_batched(x, geometry).shape
-    rows = x_shape[0]
-    for size, (left, right), k, s, dil in zip(
-        x_shape[2:], geometry.pad_amounts(), geometry.kernel_size, geometry.stride, geometry.dilation
-    ):
-        rows *= (size + left + right - dil * (k - 1) - 1) // s + 1
-    return rows
+    """N, the number of rows of the patch matrix (computed from shapes only, see [`PatchGeometry.num_rows`])."""
+    return geometry.num_rows(x.shape)
 
 
 def patch_gram(
@@ -178,11 +135,50 @@ def patch_gram(
             rows = x.reshape(-1, x.shape[-1]).to(dtype)
             return (rows.T @ rows).unsqueeze(0)
         gram = None
-        for chunk in _conv_patch_chunks(x, geometry, chunk_elements):
+        for _, chunk in _conv_patch_chunks(x, geometry, chunk_elements):
             chunk = chunk.to(dtype)
             part = torch.bmm(chunk, chunk.transpose(1, 2))
             gram = part if gram is None else gram.add_(part)
         return gram
+
+
+def weight_gradient(
+    grad_output: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """The plain weight gradient `grad_Z^T A` of a linear / conv op, formed from its input at full precision.
+
+    Under autocast the op's own backward forms this product from the half-precision copy of the input, and the
+    preconditioner amplifies that rounding along the Gram's weak directions; here the input keeps its own
+    precision, the upstream gradient is used as it is (it is exactly representable in float32), and the
+    products are accumulated in float32 (float64 for float64 input) with autocast disabled. General
+    convolutions are unfolded in chunks of the batch, as for the Gram (see [`patch_gram`]).
+
+    Args:
+        grad_output (`torch.Tensor`): Gradient of the op's output: `(..., out)`, or `(B, out, *positions)` /
+            unbatched `(out, *positions)` for a convolution.
+        x (`torch.Tensor`): The op's input (before any padding the geometry describes).
+        geometry (`PatchGeometry`): How the op turns `x` into patch rows.
+        chunk_elements (`int`, *optional*): Upper bound on the patch values materialised at once.
+
+    Returns:
+        `torch.Tensor`: The weight gradient, `(out, in)` or `(out, in/groups, *kernel)`, in [`gram_dtype`] of `x`.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.detach()
+        dtype = gram_dtype(x)
+        if geometry.spatial_dims == 0:
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            return grad_output.reshape(-1, grad_output.shape[-1]).to(dtype).T @ rows
+        x = _unbatched_to_batched(x, geometry)
+        grad_output = _unbatched_to_batched(grad_output, geometry)
+        g, out_channels = geometry.groups, grad_output.shape[1]
+        grad = None
+        for images, chunk in _conv_patch_chunks(x, geometry, chunk_elements):
+            # Columns in the chunk's row order (image major, then output positions), per group.
+            upstream = grad_output[images].unflatten(1, (g, out_channels // g)).flatten(3).permute(1, 2, 0, 3)
+            part = torch.bmm(upstream.reshape(g, out_channels // g, -1).to(dtype), chunk.to(dtype).transpose(1, 2))
+            grad = part if grad is None else grad.add_(part)
+        return grad.reshape(out_channels, x.shape[1] // g, *geometry.kernel_size)
 
 
 def _grouped(grad_weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -216,7 +212,7 @@ def precondition_with_gram(
     gram: torch.Tensor,
     num_rows: Union[int, torch.Tensor],
     lambda_: float,
-    solve_dtype: Optional[torch.dtype] = None,
+    solve_dtype: Union[torch.dtype, str, None] = None,
 ) -> torch.Tensor:
     """`grad_W · (G / N + λ I)^-1` for each group, via a Cholesky solve.
 
@@ -229,6 +225,8 @@ def precondition_with_gram(
             (float64 on GPUs; on CPU float32 when provably accurate). The regularised Gram's eigenvalues are
             at least λ, but its largest grow with the input scale: float64 keeps un-standardised
             inputs (e.g. pixels in [0, 255]) solvable. float32 is a documented speed option.
+            [`FLOAT32_REFINED`] (`"float32_refined"`): a float32 factorisation and one step of iterative
+            refinement with the residual in float64 ([`refined_cholesky_solve`]).
 
     Returns:
         `torch.Tensor`: The TrAct weight gradient, with the dtype and shape of `grad_weight`.
@@ -243,22 +241,63 @@ def precondition_with_gram(
       preconditioner with the Gram replaced by its mean eigenvalue.
     """
     groups, n, _ = gram.shape
-    dtype = solve_dtype or default_solve_dtype(gram, num_rows, lambda_)
+    refine = solve_dtype == FLOAT32_REFINED
+    # The refined solve keeps the system in float64 for its residual and factorises a float32 copy.
+    dtype = torch.float64 if refine else solve_dtype or default_solve_dtype(gram, num_rows, lambda_)
     with torch.autocast(grad_weight.device.type, enabled=False):
         eye = torch.eye(n, dtype=dtype, device=gram.device)
         if isinstance(num_rows, torch.Tensor):
             num_rows = num_rows.to(dtype)
         regularized = gram.to(dtype) / num_rows + lambda_ * eye
         rhs = _grouped(grad_weight, groups).to(dtype).transpose(1, 2)  # (g, n, out/g)
-        factor, info = torch.linalg.cholesky_ex(regularized)
-        solved = torch.cholesky_solve(rhs, factor)
+        if refine:
+            solved, info = refined_cholesky_solve(regularized, rhs)
+        else:
+            factor, info = torch.linalg.cholesky_ex(regularized)
+            solved = torch.cholesky_solve(rhs, factor)
         failed = (info != 0).reshape(groups, 1, 1)
         if gram.device.type == "cpu" and failed.any() and torch.isfinite(regularized).all():
-            solved = torch.where(failed, _eigh_solve(regularized, rhs, lambda_).to(dtype), solved)
+            solved = torch.where(failed, _eigh_solve(regularized, rhs, lambda_).to(solved.dtype), solved)
         else:
             mean_eig = regularized.diagonal(dim1=1, dim2=2).mean(-1).reshape(groups, 1, 1)
             solved = torch.where(failed, rhs / mean_eig, solved)
         return solved.transpose(1, 2).reshape(grad_weight.shape).to(grad_weight.dtype)
+
+
+def refined_cholesky_solve(
+    matrix: torch.Tensor, rhs: torch.Tensor, steps: int = 1, residual_dtype: Optional[torch.dtype] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`matrix^-1 rhs` by a float32 Cholesky factorisation and `steps` steps of iterative refinement.
+
+    Each step computes the residual `rhs - matrix @ x` in `residual_dtype` and adds the float32 solution of the
+    correction. The factorisation and triangular solves run in float32 (fast on every GPU); only the residual
+    product runs in the higher precision. A residual in float32 does not improve the forward error (its own
+    rounding is as large as the residual); `benchmarks/solve_precision.py` measures both. Everything stays on
+    the device: no host synchronisation.
+
+    Args:
+        matrix (`torch.Tensor`): Symmetric positive definite `(..., n, n)` (its lower triangle is read), in the
+            residual's precision.
+        rhs (`torch.Tensor`): Right-hand sides `(..., n, k)`.
+        steps (`int`, *optional*, defaults to `1`): Refinement steps (0: the plain float32 solve).
+        residual_dtype (`torch.dtype`, *optional*): dtype of the residual; default `matrix.dtype`.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: The float32 solution and the factorisation's `info` (non-zero where
+        it failed, as `torch.linalg.cholesky_ex` returns it).
+    """
+    residual_dtype = residual_dtype or matrix.dtype
+    factor, info = torch.linalg.cholesky_ex(matrix.float())
+    solved = torch.cholesky_solve(rhs.float(), factor)
+    if steps:
+        # The factorisation reads the lower triangle only; a Gram accumulated in float32 is symmetric only up to
+        # its rounding (5e-6 relative on 2e5 Fashion-MNIST rows), so the residual uses that same triangle.
+        lower = matrix.tril()
+        high_matrix, high_rhs = (lower + lower.tril(-1).mT).to(residual_dtype), rhs.to(residual_dtype)
+        for _ in range(steps):
+            residual = high_rhs - high_matrix @ solved.to(residual_dtype)
+            solved = solved + torch.cholesky_solve(residual.float(), factor)
+    return solved, info
 
 
 def _eigh_solve(regularized: torch.Tensor, rhs: torch.Tensor, lambda_: float) -> torch.Tensor:
@@ -272,7 +311,7 @@ def precondition_with_patches(
     grad_weight: torch.Tensor,
     patches: torch.Tensor,
     lambda_: float,
-    solve_dtype: Optional[torch.dtype] = None,
+    solve_dtype: Union[torch.dtype, str, None] = None,
 ) -> torch.Tensor:
     """Woodbury form of [`precondition_with_gram`], cheaper when N < n.
 
@@ -280,7 +319,8 @@ def precondition_with_patches(
     solved. `patches` is `A` as `(groups, N, n)`.
     """
     groups, rows, _ = patches.shape
-    dtype = solve_dtype or torch.float64
+    # The N x N system is small (N < n): float64 also for the refined option.
+    dtype = torch.float64 if solve_dtype in (None, FLOAT32_REFINED) else solve_dtype
     with torch.autocast(grad_weight.device.type, enabled=False):
         a = patches.to(dtype)
         g = _grouped(grad_weight, groups).to(dtype)  # (g, out/g, n)

@@ -5,6 +5,10 @@ through [`_TrActWeight`], an identity in the forward pass whose backward right-m
 weight gradient by `(A^T A / N + λ I)^-1`. Every other gradient (input, bias, other parameters)
 is produced by the unchanged autograd graph of the plain op, hence bit-identical.
 
+Under autocast, when the op runs in a lower precision than its input has, the weight gradient is
+instead formed from the full-precision input and then preconditioned (see [`tract_op`]); the op's
+output, input and bias gradients are still those of the plain model under autocast.
+
 Patching swaps the class of the existing module (`layer.__class__ = TrActConv2d`): object
 identity, parameters, state_dict keys and optimizer references are unchanged. Layers whose class
 has its own `forward` (weight standardisation, dynamic "same" padding, ...) keep it; the conv or
@@ -15,7 +19,7 @@ actually sees.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,13 +29,26 @@ from torch.overrides import TorchFunctionMode
 
 from .config import TrActConfig
 from .functional import (
-    PatchGeometry,
     num_patch_rows,
     patch_gram,
     patch_matrix,
     precondition_with_gram,
     precondition_with_patches,
+    weight_gradient,
 )
+from .geometry import PatchGeometry
+
+__all__ = [
+    "SUPPORTED_LAYER_TYPES",
+    "TrActConv1d",
+    "TrActConv2d",
+    "TrActConv3d",
+    "TrActLayerMixin",
+    "TrActLinear",
+    "tract_class_for",
+    "tract_op",
+    "tract_weight",
+]
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -77,6 +94,22 @@ class _GramState:
         return 1.0 + trace / (rows * lambda_)
 
 
+def _precondition(state, config: TrActConfig, stats: Optional[list], grad_weight: torch.Tensor) -> torch.Tensor:
+    """The TrAct gradient from the plain one; records the logging statistics when asked to."""
+    grad = state.precondition(grad_weight, config.lambda_, config.solve_dtype)
+    if stats is not None:
+        # Only on the steps the Trainer logs (see `TrActLayerMixin.tract_record_stats`): detached
+        # 0-d tensors, read on the host when the logs are written.
+        stats.append(
+            {
+                "grad_norm_plain": grad_weight.detach().float().norm(),
+                "grad_norm_tract": grad.detach().float().norm(),
+                "condition_bound": state.condition_bound(config.lambda_).detach().float(),
+            }
+        )
+    return grad
+
+
 class _TrActWeight(torch.autograd.Function):
     """Identity on the weight; backward preconditions the weight gradient with the batch's Gram."""
 
@@ -88,25 +121,57 @@ class _TrActWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight):
         state, ctx.state = ctx.state, None  # free the Gram as soon as it is used
-        config = ctx.config
-        grad = state.precondition(grad_weight, config.lambda_, config.solve_dtype)
-        if ctx.stats is not None:
-            # Only on the steps the Trainer logs (see `TrActLayerMixin.tract_record_stats`): detached
-            # 0-d tensors, read on the host when the logs are written.
-            ctx.stats.append(
-                {
-                    "grad_norm_plain": grad_weight.detach().float().norm(),
-                    "grad_norm_tract": grad.detach().float().norm(),
-                    "condition_bound": state.condition_bound(config.lambda_).detach().float(),
-                }
-            )
-        return grad, None, None, None
+        return _precondition(state, ctx.config, ctx.stats, grad_weight), None, None, None
+
+
+class _TrActFullPrecisionWeight(torch.autograd.Function):
+    """Identity on the output of an op that autocast ran in lower precision, called with a detached weight.
+
+    Its backward passes the output gradient on unchanged (the op's own backward then forms the input and bias
+    gradients exactly as in the plain model, but no half-precision weight gradient) and returns as the weight's
+    gradient the TrAct one, preconditioning the weight gradient formed from the op's full-precision input.
+    """
+
+    @staticmethod
+    def forward(ctx, output, weight, x, state, config, stats, geometry):
+        ctx.save_for_backward(x)
+        ctx.state, ctx.config, ctx.stats, ctx.geometry = state, config, stats, geometry
+        ctx.weight_dtype = weight.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        state, ctx.state = ctx.state, None  # free the Gram as soon as it is used
+        grad = None
+        if ctx.needs_input_grad[1]:
+            (x,) = ctx.saved_tensors
+            plain = weight_gradient(grad_output, x, ctx.geometry)
+            grad = _precondition(state, ctx.config, ctx.stats, plain).to(ctx.weight_dtype)
+        return grad_output, grad, None, None, None, None, None
+
+
+def _autocast_lowers_precision(x: torch.Tensor) -> bool:
+    """Whether autocast runs a linear / conv op on `x` in a lower precision than `x` has.
+
+    Autocast casts these ops' floating-point arguments, except float64 ones, to its dtype. A plain bool
+    from the autocast state and the dtype: no device synchronisation.
+    """
+    device_type = x.device.type
+    return (
+        torch.is_autocast_enabled(device_type)
+        and x.is_floating_point()
+        and x.dtype != torch.float64
+        and x.dtype != torch.get_autocast_dtype(device_type)
+    )
 
 
 def tract_weight(
     layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, *, state=None
 ) -> torch.Tensor:
     """`weight` as seen by the op of `layer`, with the TrAct backward attached.
+
+    This preconditions the weight gradient the op's own backward forms; under autocast, [`tract_op`] forms it
+    from the full-precision input instead.
 
     Args:
         layer (`nn.Module`): The patched layer; its `tract_config` gives λ, the solve dtype and the sync group.
@@ -125,6 +190,46 @@ def tract_weight(
         state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
     stats = layer.tract_stats if layer.tract_record_stats else None
     return _TrActWeight.apply(weight, state, config, stats)
+
+
+def tract_op(
+    layer: nn.Module,
+    op: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    geometry: PatchGeometry,
+    *,
+    state=None,
+) -> torch.Tensor:
+    """`op(weight)`, the linear / conv op of `layer` on input `x`, with the TrAct weight gradient.
+
+    Without autocast (or when autocast leaves the op's precision as it is) this is `op(tract_weight(...))`.
+    When autocast lowers the op's precision (e.g. a float32 input under bf16 autocast), the weight gradient is
+    formed from the full-precision input `x` and the (half-precision) output gradient, accumulated in float32
+    ([`hf_tract.functional.weight_gradient`]), and then preconditioned: the preconditioner would otherwise
+    amplify the input's half-precision rounding along the Gram's weak directions. The op then runs with a
+    detached weight, so its backward forms no half-precision weight gradient; its output, input gradient and
+    bias gradient are those of the plain model under autocast. `x` is kept for the backward.
+
+    Args:
+        layer (`nn.Module`): The patched layer; its `tract_config` gives λ, the solve dtype and the sync group.
+        op (`Callable[[torch.Tensor], torch.Tensor]`): The op with every argument but the weight bound.
+        weight (`torch.Tensor`): The weight the op uses.
+        x (`torch.Tensor`): The op's input.
+        geometry (`PatchGeometry`): How the op turns its input into patch rows.
+        state (*optional*): As for [`tract_weight`].
+
+    Returns:
+        `torch.Tensor`: The op's output.
+    """
+    if not _autocast_lowers_precision(x):
+        return op(tract_weight(layer, weight, x, geometry, state=state))
+    config = layer.tract_config
+    if state is None:
+        state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
+    stats = layer.tract_stats if layer.tract_record_stats else None
+    output = op(weight.detach())
+    return _TrActFullPrecisionWeight.apply(output, weight, x.detach(), state, config, stats, geometry)
 
 
 def _tract_active(layer: nn.Module) -> bool:
@@ -170,18 +275,17 @@ class TrActLayerMixin:
 
 class _TrActConvMixin(TrActLayerMixin):
     def _conv_forward(self, input, weight, bias):
-        if _tract_active(self):
-            geometry = PatchGeometry.conv(
-                self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.padding_mode
-            )
-            weight = tract_weight(self, weight, input, geometry)
-        return super()._conv_forward(input, weight, bias)
+        conv = super()._conv_forward
+        if not _tract_active(self):
+            return conv(input, weight, bias)
+        return tract_op(self, lambda w: conv(input, w, bias), weight, input, PatchGeometry.of(self))
 
 
 class _TrActLinearMixin(TrActLayerMixin):
     def forward(self, input):
-        weight = tract_weight(self, self.weight, input, PatchGeometry.linear()) if _tract_active(self) else self.weight
-        return F.linear(input, weight, self.bias)
+        if not _tract_active(self):
+            return F.linear(input, self.weight, self.bias)
+        return tract_op(self, lambda w: F.linear(input, w, self.bias), self.weight, input, PatchGeometry.of(self))
 
 
 class TrActLinear(_TrActLinearMixin, nn.Linear):
@@ -241,8 +345,8 @@ class _InterceptLayerOps(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear or func in _CONV_OPS:
             bound, geometry = _op_arguments(func, args, kwargs)
-            bound["weight"] = tract_weight(self.layer, bound["weight"], bound["input"], geometry)
-            return func(**bound)
+            weight = bound.pop("weight")
+            return tract_op(self.layer, lambda w: func(weight=w, **bound), weight, bound["input"], geometry)
         return func(*args, **kwargs)
 
 

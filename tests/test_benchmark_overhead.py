@@ -23,10 +23,15 @@ def test_overhead_smoke(tmp_path):
     assert [s["model"] for s in data["settings"]] == list(overhead.MODELS)
     for setting in data["settings"]:
         variants = setting["variants"]
-        assert {"plain", "hf_tract", "hf_tract_f32"} <= set(variants)
+        assert {"plain", "hf_tract", "hf_tract_f32", "hf_tract_f32r"} <= set(variants)
         assert "official" in variants or "official" in setting["failures"]
         assert variants["plain"]["ratio_median"] == 1.0
         assert all(v["step_ms_median"] > 0 for v in variants.values())
-        assert "error" not in setting["micro"]
+        micro = setting["micro"]
+        assert "error" not in micro
+        if micro["path"] == "gram":  # the Woodbury path (N < n) has no Gram solve to refine
+            assert micro["solve_f32r_ms"] > 0 and micro["solve_f32r_rel_err"] < 1e-3
+            assert micro["weight_grad_fp32_ms"] > 0
+    assert any(s["micro"]["path"] == "gram" for s in data["settings"])
     markdown = (tmp_path / "overhead_smoke.md").read_text()
     assert "| vit_b16_224 | fp32 |" in markdown and "Micro-breakdown" in markdown
