@@ -129,9 +129,12 @@ def test_autocast_runs_and_agrees_with_fp32(case, dtype):
         out.float().backward(upstream)
         grads[name] = layer.weight.grad
     assert grads["tract"].dtype == torch.float32 and torch.isfinite(grads["tract"]).all()
-    # The Gram and the solve ran in float32 whatever autocast says: TrAct of the autocast plain
-    # gradient, computed in float64, is matched to float32 accuracy ...
-    expected = tract_grad_reference(grads["plain"], patch_matrix_reference(plain, x), 0.1)
+    # Under autocast TrAct forms the weight gradient from the full-precision input (and the half-precision
+    # upstream gradient the op received), and the Gram and the solve run in float32 whatever autocast says: the
+    # float64 closed form of exactly that is matched to float32 accuracy ...
+    reference = copy.deepcopy(plain).double()
+    reference(x.double()).backward(upstream.to(dtype).double())
+    expected = tract_grad_reference(reference.weight.grad, patch_matrix_reference(plain, x), 0.1)
     assert relative_error(grads["tract"], expected) <= 1e-5
     # ... and the end result is the float32 one up to the half-precision convolution's own error.
     tolerance = {torch.bfloat16: 8e-2, torch.float16: 1e-2}[dtype]
@@ -344,7 +347,7 @@ LAYERS = {
 }
 
 
-def _make(case, seed=0):
+def _make_autocast_case(case, seed=0):
     build, shape = LAYERS[case]
     torch.manual_seed(seed)
     layer = build()
@@ -392,7 +395,7 @@ def _closed_form_param_grad(layer, x, upstream, lambda_=0.1):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", sorted(LAYERS))
 def test_autocast_weight_grad_is_formed_from_the_full_precision_input(case, dtype):
-    plain, x, upstream = _make(case)
+    plain, x, upstream = _make_autocast_case(case)
     patched = apply_tract(copy.deepcopy(plain))
     plain_out, plain_dx, plain_grads = _run(plain, x, upstream, dtype)
     tract_out, tract_dx, tract_grads = _run(patched, x, upstream, dtype)
@@ -436,7 +439,7 @@ def _solve_as_the_layer_does(grad_weight, layer, x, lambda_=0.1):
     ],
 )
 def test_unlowered_ops_precondition_the_op_weight_gradient_bit_for_bit(case, param_dtype, autocast_dtype):
-    plain, x, upstream = _make(case)
+    plain, x, upstream = _make_autocast_case(case)
     plain, x = plain.to(param_dtype), x.to(param_dtype)
     patched = apply_tract(copy.deepcopy(plain))
     _, plain_dx, plain_grads = _run(plain, x, upstream.to(param_dtype), autocast_dtype)
@@ -495,7 +498,7 @@ def test_bf16_error_on_fashion_mnist_is_below_plain_bf16(case):
 
 
 def test_autocast_path_records_the_logging_statistics():
-    plain, x, upstream = _make("conv2d_stem")
+    plain, x, upstream = _make_autocast_case("conv2d_stem")
     patched = apply_tract(copy.deepcopy(plain))
     patched.tract_record_stats = True
     _, _, grads = _run(patched, x, upstream, torch.bfloat16)
@@ -506,7 +509,7 @@ def test_autocast_path_records_the_logging_statistics():
 
 
 def test_frozen_autocast_layer_takes_the_plain_path():
-    plain, x, upstream = _make("conv2d_stem")
+    plain, x, upstream = _make_autocast_case("conv2d_stem")
     patched = apply_tract(copy.deepcopy(plain))
     patched.weight.requires_grad_(False)
     plain.weight.requires_grad_(False)
@@ -523,7 +526,7 @@ def test_autocast_path_under_torch_compile_matches_eager():
     Not `fullgraph=True`: on CPU the solve looks at values on the host (the choice of the default solve dtype,
     the fallback after a failed factorisation), where dynamo breaks the graph. With the GPUs' float64 solve.
     """
-    plain, x, upstream = _make("conv2d_stem")
+    plain, x, upstream = _make_autocast_case("conv2d_stem")
     eager = apply_tract(nn.Sequential(copy.deepcopy(plain), nn.GELU()), target="0", solve_dtype=torch.float64)
     compiled_model = apply_tract(nn.Sequential(copy.deepcopy(plain), nn.GELU()), target="0", solve_dtype=torch.float64)
     compiled = torch.compile(compiled_model, backend="aot_eager")
