@@ -56,7 +56,8 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
-from hf_tract import TrActTrainer, TrActTrainingArguments
+from hf_tract import TrActTrainer, TrActTrainingArguments, tract_config_of, tract_layers
+from hf_tract.cli import HubUnreachableError, check_hub_reachable
 from hf_tract.metrics import load_top_k_accuracy
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ DEFAULT_TRAINING_ARGS = {
     "seed": 0,
     "remove_unused_columns": False,
     "report_to": "none",
+    # Pinned memory only speeds up copies to an accelerator; without one, torch warns on every run.
+    "dataloader_pin_memory": torch.accelerator.is_available(),
 }
 
 
@@ -267,13 +270,29 @@ def image_mode_of(model) -> str:
 
 
 def build_image_processor(model_args: ModelArguments, model, train_dataset: datasets.Dataset, image_column: str):
-    """The checkpoint's image processor, or, from scratch, resize + standardize with the training set's statistics."""
+    """The image processor of `--image_processor_name` or of the checkpoint, else resize + standardize.
+
+    From scratch, and for a local checkpoint saved without an image processor (`model.save_pretrained` alone),
+    the images are resized to the config's `image_size` and standardized with the mean/std measured on the
+    training images (TrAct assumes standardized inputs), in the model's number of channels.
+    """
     source = model_args.image_processor_name or model_args.model_name_or_path
     if source is not None:
-        return AutoImageProcessor.from_pretrained(source, **hub_kwargs(model_args))
+        try:
+            return AutoImageProcessor.from_pretrained(source, **hub_kwargs(model_args))
+        except OSError:
+            if model_args.image_processor_name is not None or not os.path.isdir(source):
+                raise
     image_size = getattr(model.config, "image_size", None) or train_dataset[0][image_column].size[0]
     mean, std = measure_mean_std(train_dataset, image_column, image_mode_of(model))
-    logger.info(f"Image processor from the training set: size {image_size}, mean {mean}, std {std}")
+    message = f"size {image_size}, mean {mean}, std {std} (measured on the training images)"
+    if source is None:
+        logger.info(f"Image processor from the training set: {message}")
+    else:
+        logger.warning(
+            f"{source} has no image processor: using resize + normalize, {message}; pass --image_processor_name "
+            "to use the one the checkpoint was trained with."
+        )
     return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
 
 
@@ -319,6 +338,61 @@ def collate_fn(examples):
     }
 
 
+def every_parameter_gets_a_gradient(model, batch: dict) -> bool:
+    """Whether one training forward/backward on `batch` gives every trainable parameter a gradient.
+
+    DDP needs `find_unused_parameters=True` (Trainer's default) only for a model with parameters the loss
+    does not reach; otherwise it costs a graph traversal per step and a warning. The model is left as it was:
+    buffers (BatchNorm statistics) and random state are restored, gradients cleared.
+    """
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    with torch.random.fork_rng():
+        model.train()
+        model(**batch).loss.backward()
+    used = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    return used
+
+
+def base_model_id(model_args: ModelArguments) -> str | None:
+    """The Hub id the run fine-tunes, for the model card's `base_model`; `None` from scratch or from a local folder."""
+    name = model_args.model_name_or_path
+    return None if name is None or os.path.exists(name) else name
+
+
+def note_local_base_model(output_dir: str, checkpoint: str):
+    """Say in the card that the run fine-tuned a local checkpoint: Trainer's card says "trained from scratch"
+    when it has no Hub id to name as the base model. Returns the updated `huggingface_hub.ModelCard`."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(output_dir, "README.md"))
+    card.text = card.text.replace(
+        "This model was trained from scratch on",
+        f"This model was fine-tuned from a local checkpoint (`{Path(checkpoint).name}`, not on the Hub) on",
+        1,
+    )
+    card.save(os.path.join(output_dir, "README.md"))
+    return card
+
+
+def fail(message: str) -> None:
+    """Stop with one line on stderr and exit code 2, like a command-line usage error."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+class OneLineErrorParser(HfArgumentParser):
+    """`HfArgumentParser` whose usage errors are one line: its usage lists every TrainingArguments flag."""
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (see --help)")
+
+
 def top_k_for(num_labels: int) -> tuple[int, ...]:
     """Top-1 and top-5, or only top-1 when there are 5 classes or fewer (top-5 would be trivially 1)."""
     return (1, 5) if num_labels > 5 else (1,)
@@ -332,12 +406,15 @@ def dataset_display_name(data_args: DataTrainingArguments) -> str:
 
 
 def main():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrActTrainingArguments))
+    parser = OneLineErrorParser((ModelArguments, DataTrainingArguments, TrActTrainingArguments))
     parser.set_defaults(**DEFAULT_TRAINING_ARGS)
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    try:  # invalid values (`--tract_lambda -1`, ...) are reported as one line, not a traceback
+        if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+            model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+        else:
+            model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -360,6 +437,13 @@ def main():
     # Seeded before the model is built, as in transformers' script: a from-scratch model starts from the same
     # weights in every run (and in every process).
     set_seed(training_args.seed)
+    try:  # without this check huggingface_hub retries for ~30 s before failing
+        for name in (data_args.dataset_name, model_args.model_name_or_path, model_args.config_name,
+                     model_args.image_processor_name):  # fmt: skip
+            if name is not None:
+                check_hub_reachable(name)
+    except HubUnreachableError as exc:
+        fail(str(exc))
     dataset, eval_split, labels = load_image_dataset(data_args, model_args, training_args.seed)
     model = build_model(model_args, labels)
     image_processor = build_image_processor(model_args, model, dataset["train"], data_args.image_column_name)
@@ -380,18 +464,31 @@ def main():
     def compute_metrics(eval_pred):
         return metric.compute(predictions=eval_pred.predictions, references=eval_pred.label_ids, top_k=top_k)
 
+    if training_args.world_size > 1 and training_args.ddp_find_unused_parameters is None and train_dataset:
+        batch = collate_fn([train_dataset[i] for i in range(min(2, len(train_dataset)))])
+        training_args.ddp_find_unused_parameters = not every_parameter_gets_a_gradient(model, batch)
+
     # TrActTrainer patches the first layer (training_args.use_tract / tract_lambda / tract_target /
     # tract_sync_gram / tract_solve_dtype) before anything wraps the model, and adds the TrAct section to the
     # model card; the rest is plain Trainer.
-    trainer = TrActTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        compute_metrics=compute_metrics,
-        processing_class=image_processor,
-        data_collator=collate_fn,
-    )
+    try:  # a target that is not a layer of the model, ...: one line, not a traceback
+        trainer = TrActTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            compute_metrics=compute_metrics,
+            processing_class=image_processor,
+            data_collator=collate_fn,
+        )
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+    tract_config = tract_config_of(model)
+    if trainer.is_world_process_zero():
+        if tract_config is None:
+            print("TrAct is off (--use_tract False): plain training.")
+        else:
+            print(f"TrAct is on: {tract_config.describe()}, on {', '.join(tract_layers(model))}.")
 
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
@@ -411,19 +508,27 @@ def main():
             print(f"\n{names} accuracy on the {eval_split!r} split ({len(eval_dataset)} images): {values}")
 
     card_kwargs = {
-        "finetuned_from": model_args.model_name_or_path,
+        "finetuned_from": base_model_id(model_args),
         "tasks": "image-classification",
         "dataset": dataset_display_name(data_args),
         "tags": ["image-classification", "vision"],
     }
-    if model_args.model_name_or_path is None:
-        # Trainer's card names `config._name_or_path` as the base model unless it is a local folder; a model
-        # built from config has none, which would give "fine-tuned version of []" instead of "from scratch".
+    # Trainer's card names `config._name_or_path` as the base model unless it is a local folder. A model built
+    # from config has none ("fine-tuned version of []"), and a local checkpoint's path is no Hub model
+    # (`base_model: /tmp/...`, a link to https://huggingface.co//tmp/...): name the output folder instead.
+    if card_kwargs["finetuned_from"] is None:
         model.config._name_or_path = training_args.output_dir
     if training_args.push_to_hub:
         trainer.push_to_hub(**card_kwargs)
     else:
         trainer.create_model_card(**card_kwargs)
+    local_base = model_args.model_name_or_path is not None and card_kwargs["finetuned_from"] is None
+    if local_base and trainer.is_world_process_zero():
+        card = note_local_base_model(training_args.output_dir, model_args.model_name_or_path)
+        if training_args.push_to_hub:
+            card.push_to_hub(trainer.hub_model_id, token=training_args.hub_token)
+    if training_args.do_train and trainer.is_world_process_zero():
+        print(f"Model, image processor and model card saved to {os.path.abspath(training_args.output_dir)}")
     return trainer
 
 
