@@ -380,6 +380,18 @@ def note_local_base_model(output_dir: str, checkpoint: str):
     return card
 
 
+def check_hub_sources(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
+    """Stop at once, in one line, when a model or dataset must come from the Hub and the Hub does not answer
+    (huggingface_hub alone retries for ~30 s before failing)."""
+    names = (data_args.dataset_name, model_args.model_name_or_path, model_args.config_name, model_args.image_processor_name)
+    try:
+        for name in names:
+            if name is not None:
+                check_hub_reachable(name)
+    except HubUnreachableError as exc:
+        fail(str(exc))
+
+
 def fail(message: str) -> None:
     """Stop with one line on stderr and exit code 2, like a command-line usage error."""
     print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(message.split())}", file=sys.stderr)
@@ -437,13 +449,7 @@ def main():
     # Seeded before the model is built, as in transformers' script: a from-scratch model starts from the same
     # weights in every run (and in every process).
     set_seed(training_args.seed)
-    try:  # without this check huggingface_hub retries for ~30 s before failing
-        for name in (data_args.dataset_name, model_args.model_name_or_path, model_args.config_name,
-                     model_args.image_processor_name):  # fmt: skip
-            if name is not None:
-                check_hub_reachable(name)
-    except HubUnreachableError as exc:
-        fail(str(exc))
+    check_hub_sources(model_args, data_args)
     dataset, eval_split, labels = load_image_dataset(data_args, model_args, training_args.seed)
     model = build_model(model_args, labels)
     image_processor = build_image_processor(model_args, model, dataset["train"], data_args.image_column_name)

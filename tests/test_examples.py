@@ -140,6 +140,8 @@ def test_train_no_trainer_tiny(tmp_path):
         tmp_path,
     )
     assert "top-1 / top-5 accuracy on the 'test' split (64 images)" in result.stdout
+    assert result.stdout.count("TrAct is on: lambda=0.1") == 1
+    assert result.stdout.count(f"saved to {output_dir}") == 1
     results = json.loads((output_dir / "all_results.json").read_text())
     assert 0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"] <= 1
     assert_plain_checkpoint(output_dir)
