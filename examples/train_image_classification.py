@@ -383,9 +383,9 @@ def note_local_base_model(output_dir: str, checkpoint: str):
 def check_hub_sources(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
     """Stop at once, in one line, when a model or dataset must come from the Hub and the Hub does not answer
     (huggingface_hub alone retries for ~30 s before failing)."""
-    names = (data_args.dataset_name, model_args.model_name_or_path, model_args.config_name, model_args.image_processor_name)
+    model_names = (model_args.model_name_or_path, model_args.config_name, model_args.image_processor_name)
     try:
-        for name in names:
+        for name in (data_args.dataset_name, *model_names):
             if name is not None:
                 check_hub_reachable(name)
     except HubUnreachableError as exc:
