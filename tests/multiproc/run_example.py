@@ -1,10 +1,11 @@
 """Run `examples/train_image_classification.py` (its `main()`, with the given arguments) and record, per rank,
-what a test needs to tell DDP from independent copies (and the DDP settings the example chose); launched by tests/test_distributed.py with torchrun.
+what a test needs to tell DDP from independent copies, and the DDP settings the example chose; launched by
+tests/test_distributed.py with torchrun.
 
 Usage: run_example.py RECORD_DIR -- EXAMPLE_ARGS...
 
-Writes RECORD_DIR/rank{r}.json: the world size the Trainer saw, its global step, and a digest of the
-first layer's trained weight (identical on every rank under DDP).
+Writes RECORD_DIR/rank{r}.json: the world size the Trainer saw, its global step, a digest of the first
+layer's trained weight (identical on every rank under DDP) and `ddp_find_unused_parameters`.
 """
 
 import hashlib
