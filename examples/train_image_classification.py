@@ -75,7 +75,9 @@ DEFAULT_TRAINING_ARGS = {
     "output_dir": "outputs/fashion-mnist-vit-tract",
     "do_train": True,
     "do_eval": True,
-    "num_train_epochs": 15,
+    # 10 epochs: 83.70% top-1 (15 epochs: 84.58%) for two thirds of the compute; the training step itself
+    # (matmuls of the ViT) is ~80% of an epoch, so fewer steps is what makes the run shorter.
+    "num_train_epochs": 10,
     "learning_rate": 2e-3,
     "weight_decay": 0.05,
     "warmup_steps": 0.05,

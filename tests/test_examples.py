@@ -371,7 +371,7 @@ def _load_example(name: str):
 
 
 def test_no_trainer_defaults_are_the_main_scripts():
-    """train_no_trainer.py trains what the main script trains by default (it once said so and ran 5 epochs, not 15)."""
+    """train_no_trainer.py trains what the main script trains by default (it once said so and ran 5 epochs, not the main script's 15)."""
     import dataclasses
 
     main = _load_example("train_image_classification")
@@ -381,7 +381,7 @@ def test_no_trainer_defaults_are_the_main_scripts():
                 "weight_decay", "lr_scheduler_type", "seed"):  # fmt: skip
         assert defaults[key] == main.DEFAULT_TRAINING_ARGS[key], key
     assert defaults["warmup_ratio"] == main.DEFAULT_TRAINING_ARGS["warmup_steps"]
-    assert defaults["num_train_epochs"] == 15
+    assert defaults["num_train_epochs"] == 10
     # TrAct options left to TrActConfig's defaults (λ's default lives there only).
     assert defaults["tract_lambda"] is None and defaults["tract_solve_dtype"] is None
 
