@@ -236,12 +236,20 @@ def build_model(model_args: ModelArguments, labels: list[str]):
             finetuning_task="image-classification",
             **hub_kwargs(model_args),
         )
-        return AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **hub_kwargs(model_args),
-        )
+        try:
+            return AutoModelForImageClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=config,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                **hub_kwargs(model_args),
+            )
+        except RuntimeError as exc:
+            if "ignore_mismatched_sizes" not in str(exc):
+                raise
+            fail(
+                f"the classifier of {model_args.model_name_or_path} does not fit the dataset's {len(labels)} classes "
+                "(see the load report above); pass --ignore_mismatched_sizes True to start a new classifier head"
+            )
     if model_args.config_name is not None:
         config = AutoConfig.from_pretrained(model_args.config_name, **hub_kwargs(model_args))
     else:

@@ -180,6 +180,22 @@ def test_fine_tune_from_a_folder_saved_without_image_processor(tmp_path):
     assert "- tract" in card.content
 
 
+@pytest.mark.slow  # loads the data and the checkpoint first
+def test_checkpoint_head_of_another_size_is_a_one_line_error_naming_the_flag(capsys, monkeypatch, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    values = {key: int(value) for key, value in (item.split("=") for item in TINY_VIT.split(","))}
+    ViTForImageClassification(ViTConfig(**values, num_labels=5)).save_pretrained(tmp_path / "pretrained")
+    example = _load_example("train_image_classification")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(example, ["--model_name_or_path", str(tmp_path / "pretrained"), "--max_train_samples", "16",
+                            "--max_eval_samples", "16", "--output_dir", str(tmp_path / "out")], monkeypatch, tmp_path)  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("pass --ignore_mismatched_sizes True to start a new classifier head")
+
+
 def _run_main(module, argv: list[str], monkeypatch, tmp_path: Path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train_image_classification.py", *argv])
