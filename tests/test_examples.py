@@ -188,9 +188,10 @@ def test_checkpoint_head_of_another_size_is_a_one_line_error_naming_the_flag(cap
     ViTForImageClassification(ViTConfig(**values, num_labels=5)).save_pretrained(tmp_path / "pretrained")
     example = _load_example("train_image_classification")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    argv = ["--model_name_or_path", str(tmp_path / "pretrained"), "--max_train_samples", "16",
+            "--max_eval_samples", "16", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        _run_main(example, ["--model_name_or_path", str(tmp_path / "pretrained"), "--max_train_samples", "16",
-                            "--max_eval_samples", "16", "--output_dir", str(tmp_path / "out")], monkeypatch, tmp_path)  # fmt: skip
+        _run_main(example, argv, monkeypatch, tmp_path)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith("pass --ignore_mismatched_sizes True to start a new classifier head")
@@ -387,7 +388,7 @@ def _load_example(name: str):
 
 
 def test_no_trainer_defaults_are_the_main_scripts():
-    """train_no_trainer.py trains what the main script trains by default (it once said so and ran 5 epochs, not the main script's 15)."""
+    """train_no_trainer.py trains what the main script trains by default (it once said so and ran 5 epochs, not 15)."""
     import dataclasses
 
     main = _load_example("train_image_classification")
