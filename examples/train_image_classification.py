@@ -75,8 +75,8 @@ DEFAULT_TRAINING_ARGS = {
     "output_dir": "outputs/fashion-mnist-vit-tract",
     "do_train": True,
     "do_eval": True,
-    # 10 epochs: 83.70% top-1 (15 epochs: 84.58%) for two thirds of the compute; the training step itself
-    # (matmuls of the ViT) is ~80% of an epoch, so fewer steps is what makes the run shorter.
+    # 10 epochs: 83.70% top-1 (15 epochs: 84.58%) for two thirds of the compute. The ViT's forward + backward
+    # is ~77% of a step (profile in examples/README.md): fewer steps is what makes the run shorter.
     "num_train_epochs": 10,
     "learning_rate": 2e-3,
     "weight_decay": 0.05,
@@ -531,7 +531,8 @@ def main():
     }
     # Trainer's card names `config._name_or_path` as the base model unless it is a local folder. A model built
     # from config has none ("fine-tuned version of []"), and a local checkpoint's path is no Hub model
-    # (`base_model: /tmp/...`, a link to https://huggingface.co//tmp/...): name the output folder instead.
+    # (`base_model: /tmp/...`, a link to https://huggingface.co//tmp/...): point it at the output folder,
+    # which Trainer skips.
     if card_kwargs["finetuned_from"] is None:
         model.config._name_or_path = training_args.output_dir
     if training_args.push_to_hub:
