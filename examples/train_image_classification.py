@@ -230,8 +230,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
     if model_args.model_name_or_path is not None:
         config = AutoConfig.from_pretrained(
             model_args.config_name or model_args.model_name_or_path,
-            num_labels=len(labels),
-            label2id=label2id,
+            label2id=label2id,  # num_labels follows id2label (given as well, transformers warns)
             id2label=id2label,
             finetuning_task="image-classification",
             **hub_kwargs(model_args),
