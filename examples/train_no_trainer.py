@@ -39,17 +39,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import get_scheduler
 
 from hf_tract import apply_tract  # TrAct
+from hf_tract import tract_config_of, tract_layers
 from hf_tract.metrics import load_top_k_accuracy
 from train_image_classification import (
     DEFAULT_TRAINING_ARGS,
     DataTrainingArguments,
     ModelArguments,
+    OneLineErrorParser,
     build_image_processor,
     build_model,
+    check_hub_sources,
     collate_fn,
+    fail,
     image_mode_of,
     load_image_dataset,
     prepare_splits,
@@ -119,7 +123,7 @@ def evaluate(model, dataloader, accelerator, metric, top_k) -> dict[str, float]:
 
 
 def main():
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, LoopArguments))
+    parser = OneLineErrorParser((ModelArguments, DataTrainingArguments, LoopArguments))
     model_args, data_args, args = parser.parse_args_into_dataclasses()
 
     # Without a GPU, accelerate makes several launched processes DDP only with cpu=True; otherwise each would
@@ -143,6 +147,7 @@ def main():
     logger.info(accelerator.state)
     set_seed(args.seed)
 
+    check_hub_sources(model_args, data_args)
     with accelerator.main_process_first():
         dataset, eval_split, labels = load_image_dataset(data_args, model_args, args.seed)
     model = build_model(model_args, labels)
@@ -152,9 +157,16 @@ def main():
     )
 
     if args.use_tract:
-        # TrAct: patch the first layer in place, before accelerator.prepare wraps the model (DDP, FSDP, compile).
-        apply_tract(model, lambda_=args.tract_lambda, target=args.tract_target,
-                    sync_gram=args.tract_sync_gram, solve_dtype=args.tract_solve_dtype)  # fmt: skip
+        try:  # invalid options (λ <= 0, a target that is not a layer, ...): one line, not a traceback
+            # TrAct: patch the first layer in place, before accelerator.prepare wraps the model (DDP, FSDP, compile).
+            apply_tract(model, lambda_=args.tract_lambda, target=args.tract_target,
+                        sync_gram=args.tract_sync_gram, solve_dtype=args.tract_solve_dtype)  # fmt: skip
+        except (ValueError, TypeError) as exc:
+            fail(str(exc))
+        config = tract_config_of(model)
+        accelerator.print(f"TrAct is on: {config.describe()}, on {', '.join(tract_layers(model))}.")
+    else:
+        accelerator.print("TrAct is off (--use_tract False): plain training.")
 
     train_dataloader = DataLoader(
         train_dataset, shuffle=True, collate_fn=collate_fn, batch_size=args.per_device_train_batch_size
@@ -227,6 +239,7 @@ def main():
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)))
             image_processor.push_to_hub(args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir)))
+        print(f"Model and image processor saved to {os.path.abspath(args.output_dir)}")
     accelerator.end_training()
 
 

@@ -167,7 +167,40 @@ def _rows_from_geometry(layer: nn.Module, pixels: torch.Tensor | None, image_siz
 
 
 def _offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported.
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class HubUnreachableError(OSError):
+    """The Hub does not answer and a file must come from it (one line, naming `HF_HUB_OFFLINE=1`)."""
+
+
+def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail at once when `name` (a model or dataset id) would be read from the Hub and the Hub does not answer.
+
+    Without this check, huggingface_hub retries a failed connection 5 times with backoff (~30 s, six log
+    lines) before failing. Local paths and `HF_HUB_OFFLINE=1` (cache only) need no network and pass.
+    One request to the Hub's endpoint, through huggingface_hub's own HTTP client (proxies, `HF_ENDPOINT`).
+
+    Args:
+        name: A Hub id or a local path.
+        timeout: Seconds to wait for the Hub's answer.
+
+    Raises:
+        HubUnreachableError: If the Hub cannot be reached, saying how to use the local cache instead.
+    """
+    if os.path.exists(name) or _offline():
+        return
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP answer means the Hub is reachable
+    except Exception as exc:  # noqa: BLE001 - DNS, connection, proxy or TLS failure: reported as one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HubUnreachableError(
+            f"cannot reach the Hub ({constants.ENDPOINT}: {reason}) to read {name!r}; connect to the network, "
+            "or set HF_HUB_OFFLINE=1 to use only the files already in the local cache"
+        ) from None
 
 
 def load_config_for_inspection(model: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -199,7 +232,13 @@ def load_config_for_inspection(model: str, trust_remote_code: bool = False, revi
             "see `python -c \"from transformers import CONFIG_MAPPING; print(sorted(CONFIG_MAPPING))\"` for model types"
         )
     try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+        check_hub_reachable(model)
+    except HubUnreachableError as exc:
+        raise InspectError(str(exc)) from None
+    try:
+        return AutoConfig.from_pretrained(
+            model, trust_remote_code=trust_remote_code, revision=revision, local_files_only=_offline()
+        )
     except Exception as exc:  # noqa: BLE001 - Hub / network / remote-code errors, reported as one line
         where = " (HF_HUB_OFFLINE is set: only configs already in the local cache can be read)" if _offline() else ""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -294,6 +333,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(value: str) -> int:
+    """argparse type of counts and sizes: a whole number >= 1 (argparse names the option in its message)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {number}")
+    return number
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (exit code 2), like every other error of the command."""
 
@@ -311,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", help="Hub model id, local checkpoint folder, or model type (e.g. vit, convnext)")
     inspect.add_argument("--lambda", dest="tract_lambda", type=float, default=0.1, help="TrAct lambda (default 0.1)")
-    inspect.add_argument("--batch_size", type=int, default=128, help="images per step for the cost estimate")
-    inspect.add_argument("--image_size", type=int, default=None, help="input side (default: from the config)")
+    inspect.add_argument("--batch_size", type=_positive_int, default=128, help="images per step for the cost estimate")
+    inspect.add_argument("--image_size", type=_positive_int, default=None, help="input side (default: from the config)")
     inspect.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     inspect.add_argument(
         "--trust_remote_code", action="store_true", help="allow code from the Hub repository to run (off by default)"

@@ -5,6 +5,7 @@ forward that runs (no failed-forward note). Models are built on the meta device 
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,11 +68,36 @@ def test_errors_are_one_line_with_exit_code_2(capsys, argv, expected):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("value", ["-3", "0", "many"])
+def test_batch_size_below_one_is_a_usage_error(capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "vit", "--batch_size", value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "--batch_size" in err and "whole number >= 1" in err
+
+
 def test_hub_id_offline_is_one_line(capsys, monkeypatch):
+    # Set after huggingface_hub was imported (which reads it once): the CLI reads it itself, at call time.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
     code, _, err = _inspect(capsys, "someone/not-a-cached-model")
+    assert time.perf_counter() - start < 2  # no network attempt, no retries
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "HF_HUB_OFFLINE" in err
+
+
+def test_unreachable_hub_fails_at_once_naming_offline_mode(capsys, monkeypatch):
+    """Without the check, huggingface_hub retries for ~30 s (six log lines) before failing."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    code, out, err = _inspect(capsys, "someone/some-model")
+    assert time.perf_counter() - start < 2
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "cannot reach the Hub" in err and "HF_HUB_OFFLINE=1" in err
 
 
 @pytest.mark.slow  # a subprocess importing torch and transformers

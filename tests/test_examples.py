@@ -85,6 +85,11 @@ def test_train_image_classification_tiny(tmp_path):
         tmp_path,
     )
     assert "top-1 / top-5 accuracy on the 'test' split (64 images)" in result.stdout
+    # At the default verbosity: one line that TrAct is on (lambda, layer), one where the model went; no noise.
+    assert result.stdout.count("TrAct is on: lambda=0.05") == 1
+    assert "on vit.embeddings.patch_embeddings.projection." in result.stdout
+    assert result.stdout.count(f"saved to {output_dir}") == 1
+    assert "pin_memory" not in result.stdout + result.stderr
 
     results = json.loads((output_dir / "all_results.json").read_text())
     assert 0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"] <= 1
@@ -135,9 +140,128 @@ def test_train_no_trainer_tiny(tmp_path):
         tmp_path,
     )
     assert "top-1 / top-5 accuracy on the 'test' split (64 images)" in result.stdout
+    assert result.stdout.count("TrAct is on: lambda=0.1") == 1
+    assert result.stdout.count(f"saved to {output_dir}") == 1
     results = json.loads((output_dir / "all_results.json").read_text())
     assert 0 <= results["eval_top1_accuracy"] <= results["eval_top5_accuracy"] <= 1
     assert_plain_checkpoint(output_dir)
+
+
+@pytest.mark.slow
+def test_fine_tune_from_a_folder_saved_without_image_processor(tmp_path):
+    """`model.save_pretrained(folder)` alone, then `--model_name_or_path folder`: a default image processor
+    from the config (one log line naming --image_processor_name), and a card without a local base model."""
+    from huggingface_hub import ModelCard
+    from transformers import ViTConfig, ViTForImageClassification
+
+    values = dict(item.split("=") for item in TINY_VIT.split(","))
+    checkpoint = tmp_path / "pretrained"
+    config = ViTConfig(**{key: int(value) for key, value in values.items()}, num_labels=5)
+    ViTForImageClassification(config).save_pretrained(checkpoint)
+    output_dir = tmp_path / "out"
+    result = run_example(
+        "train_image_classification.py",
+        [
+            "--model_name_or_path", str(checkpoint), "--ignore_mismatched_sizes", "True", "--use_tract",
+            "--output_dir", str(output_dir), "--max_steps", "2", "--max_train_samples", "32",
+            "--max_eval_samples", "32", "--per_device_train_batch_size", "16",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert output.count("has no image processor") == 1 and "--image_processor_name" in output
+    assert_plain_checkpoint(output_dir)
+
+    card = ModelCard.load(output_dir / "README.md")  # the metadata parses
+    assert "base_model" not in card.data.to_dict()
+    assert str(tmp_path) not in card.content and "huggingface.co//" not in card.content
+    assert "fine-tuned from a local checkpoint (`pretrained`" in card.text
+    assert "trained from scratch" not in card.text
+    assert "- tract" in card.content
+
+
+@pytest.mark.slow  # loads the data and the checkpoint first
+def test_checkpoint_head_of_another_size_is_a_one_line_error_naming_the_flag(capsys, monkeypatch, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    values = {key: int(value) for key, value in (item.split("=") for item in TINY_VIT.split(","))}
+    ViTForImageClassification(ViTConfig(**values, num_labels=5)).save_pretrained(tmp_path / "pretrained")
+    example = _load_example("train_image_classification")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    argv = ["--model_name_or_path", str(tmp_path / "pretrained"), "--max_train_samples", "16",
+            "--max_eval_samples", "16", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(example, argv, monkeypatch, tmp_path)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("pass --ignore_mismatched_sizes True to start a new classifier head")
+
+
+def _run_main(module, argv: list[str], monkeypatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train_image_classification.py", *argv])
+    return module.main()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--tract_lambda", "-1"], "`tract_lambda` must be a finite number > 0"),
+        (["--tract_lambda", "nan"], "`tract_lambda` must be a finite number > 0"),
+        (["--tract_target", ""], "`tract_target`"),
+        (["--tract_solve_dtype", "float16"], "invalid choice: 'float16'"),
+        (["--tract_optimizer", "sgd"], "needs an explicit `tract_learning_rate`"),
+        # Found when the Trainer patches the model: after loading the data and building the model.
+        pytest.param(["--tract_target", "nope"], "'nope' is not a submodule", marks=pytest.mark.slow),
+    ],
+)
+def test_bad_tract_options_are_one_line_errors(argv, expected, capsys, monkeypatch, tmp_path):
+    example = _load_example("train_image_classification")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    tiny_run = ["--config_overrides", TINY_VIT, "--max_train_samples", "16", "--max_eval_samples", "16",
+                "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(example, [*tiny_run, *argv], monkeypatch, tmp_path)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert err.startswith("train_image_classification.py: error: ")
+
+
+def test_unreachable_hub_fails_at_once_naming_offline_mode(capsys, monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub
+
+    example = _load_example("train_image_classification")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(example, ["--model_name_or_path", "someone/some-vit"], monkeypatch, tmp_path)
+    assert time.perf_counter() - start < 2  # huggingface_hub alone retries for ~30 s
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot reach the Hub" in err and "HF_HUB_OFFLINE=1" in err
+
+
+def test_ddp_looks_for_unused_parameters_only_where_there_are_some():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    example = _load_example("train_image_classification")
+    values = {k: int(v) for k, v in (item.split("=") for item in TINY_VIT.split(","))}
+    model = ViTForImageClassification(ViTConfig(**values, num_labels=3))
+    batch = {"pixel_values": torch.randn(2, 1, 28, 28), "labels": torch.tensor([0, 2])}
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert example.every_parameter_gets_a_gradient(model, batch)
+    # The check leaves the model and the random state as they were.
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+    model.unused = torch.nn.Linear(2, 2)  # a parameter the loss never reaches
+    assert not example.every_parameter_gets_a_gradient(model, batch)
 
 
 def test_no_trainer_script_adds_only_the_tract_lines():
@@ -274,7 +398,7 @@ def test_no_trainer_defaults_are_the_main_scripts():
                 "weight_decay", "lr_scheduler_type", "seed"):  # fmt: skip
         assert defaults[key] == main.DEFAULT_TRAINING_ARGS[key], key
     assert defaults["warmup_ratio"] == main.DEFAULT_TRAINING_ARGS["warmup_steps"]
-    assert defaults["num_train_epochs"] == 15
+    assert defaults["num_train_epochs"] == 10
     # TrAct options left to TrActConfig's defaults (λ's default lives there only).
     assert defaults["tract_lambda"] is None and defaults["tract_solve_dtype"] is None
 

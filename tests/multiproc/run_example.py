@@ -1,10 +1,11 @@
 """Run `examples/train_image_classification.py` (its `main()`, with the given arguments) and record, per rank,
-what a test needs to tell DDP from independent copies; launched by tests/test_distributed.py with torchrun.
+what a test needs to tell DDP from independent copies, and the DDP settings the example chose; launched by
+tests/test_distributed.py with torchrun.
 
 Usage: run_example.py RECORD_DIR -- EXAMPLE_ARGS...
 
-Writes RECORD_DIR/rank{r}.json: the world size the Trainer saw, its global step, and a digest of the
-first layer's trained weight (identical on every rank under DDP).
+Writes RECORD_DIR/rank{r}.json: the world size the Trainer saw, its global step, a digest of the first
+layer's trained weight (identical on every rank under DDP) and `ddp_find_unused_parameters`.
 """
 
 import hashlib
@@ -31,6 +32,8 @@ def main(record_dir: str, example_args: list[str]) -> None:
         "world_size": trainer.args.world_size,
         "parallel_mode": trainer.args.parallel_mode.value,
         "global_step": trainer.state.global_step,
+        # The example turns DDP's search for unused parameters off when every parameter gets a gradient.
+        "ddp_find_unused_parameters": trainer.args.ddp_find_unused_parameters,
         "weight_sha256": hashlib.sha256(weight.numpy().tobytes()).hexdigest(),
     }
     os.makedirs(record_dir, exist_ok=True)
