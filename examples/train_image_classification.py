@@ -57,8 +57,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from hf_tract import TrActTrainer, TrActTrainingArguments, tract_config_of, tract_layers
-from hf_tract.cli import HubUnreachableError, check_hub_reachable
+from hf_tract.environment import HubUnreachableError, check_hub_reachable
 from hf_tract.metrics import load_top_k_accuracy
+
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
-
-from hf_tract import apply_tract  # TrAct
-from hf_tract import tract_config_of, tract_layers
-from hf_tract.metrics import load_top_k_accuracy
 from train_image_classification import (
     DEFAULT_TRAINING_ARGS,
     DataTrainingArguments,
@@ -59,6 +54,17 @@ from train_image_classification import (
     prepare_splits,
     top_k_for,
 )
+from transformers import get_scheduler
+
+from hf_tract import (
+    apply_tract,  # TrAct
+    tract_config_of,
+    tract_layers,
+)
+from hf_tract.config import SOLVE_DTYPE_CHOICES
+from hf_tract.environment import has_accelerator, launched_processes
+from hf_tract.metrics import load_top_k_accuracy
+
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +104,10 @@ class LoopArguments:
         metadata={"help": "All-reduce the patch Gram across processes (exact global-batch TrAct).", "nargs": "?", "const": True},
     )
     tract_solve_dtype: str | None = field(
-        default=None, metadata={"help": "dtype of the solve (default: auto).", "choices": ["auto", "float32", "float64"]}
+        default=None, metadata={"help": "dtype of the solve (default: auto).", "choices": list(SOLVE_DTYPE_CHOICES)}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository id (default: the output_dir name)."})
-
-
-def launched_processes() -> int:
-    """How many processes torchrun / accelerate launch started."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def evaluate(model, dataloader, accelerator, metric, top_k) -> dict[str, float]:
@@ -128,7 +129,7 @@ def main():
 
     # Without a GPU, accelerate makes several launched processes DDP only with cpu=True; otherwise each would
     # train its own copy.
-    cpu = args.use_cpu or (launched_processes() > 1 and not torch.cuda.is_available())
+    cpu = args.use_cpu or (launched_processes() > 1 and not has_accelerator())
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=args.gradient_accumulation_steps)
     if accelerator.num_processes != launched_processes():
         raise RuntimeError(

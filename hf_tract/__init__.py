@@ -12,6 +12,7 @@ from .config import TrActConfig
 from .patching import apply_tract, is_tract_applied, remove_tract, tract_config_of, tract_layers
 from .targets import find_first_layer, find_first_layers
 
+
 __version__ = "0.1.0"
 
 _LAZY = {

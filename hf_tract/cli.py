@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .geometry import PatchGeometry, gram_size, step_cost  # noqa: F401  (gram_size: importable from here, as before)
+from .config import TrActConfig
+from .environment import HubUnreachableError, check_hub_reachable, hub_offline
+from .geometry import PatchGeometry, step_cost
 from .probe_inputs import candidate_inputs
 from .targets import find_first_layers
-
-from .config import TrActConfig
 
 
 class InspectError(Exception):
@@ -43,17 +43,17 @@ class FirstLayerReport:
     """What TrAct would do to one layer, and what it costs per training step.
 
     Args:
-        name: Dotted module name, as `apply_tract(model, target=name)` takes it.
-        layer_class: The layer's class.
-        weight_shape: Shape of its weight.
-        groups: Number of groups of a grouped convolution (1 otherwise); there is one Gram per group.
-        n: Size of the (n x n) patch Gram: `in_channels / groups * prod(kernel_size)`, or `in_features`.
-        patch_rows_per_image: Rows of the patch matrix A per image (the layer's output positions).
-        patch_rows_per_step: Rows N of A in one step (`batch_size * patch_rows_per_image`).
-        gram_gflops: FLOPs of the Gram `A^T A` per step, in GFLOPs.
-        solve_gflops: FLOPs of the Cholesky factorization and solve per step, in GFLOPs.
-        layer_train_gflops: FLOPs of the layer's own forward + backward per step, in GFLOPs.
-        gram_bytes: Memory of the fp32 Gram matrices.
+        name (`str`): Dotted module name, as `apply_tract(model, target=name)` takes it.
+        layer_class (`str`): The layer's class.
+        weight_shape (`list[int]`): Shape of its weight.
+        groups (`int`): Number of groups of a grouped convolution (1 otherwise); there is one Gram per group.
+        n (`int`): Size of the (n x n) patch Gram: `in_channels / groups * prod(kernel_size)`, or `in_features`.
+        patch_rows_per_image (`int`): Rows of the patch matrix A per image (the layer's output positions).
+        patch_rows_per_step (`int`): Rows N of A in one step (`batch_size * patch_rows_per_image`).
+        gram_gflops (`float`): FLOPs of the Gram `A^T A` per step, in GFLOPs.
+        solve_gflops (`float`): FLOPs of the Cholesky factorization and solve per step, in GFLOPs.
+        layer_train_gflops (`float`): FLOPs of the layer's own forward + backward per step, in GFLOPs.
+        gram_bytes (`int`): Memory of the fp32 Gram matrices.
     """
 
     name: str
@@ -166,43 +166,6 @@ def _rows_from_geometry(layer: nn.Module, pixels: torch.Tensor | None, image_siz
     return PatchGeometry.of(layer).num_rows((1, layer.in_channels, *spatial))
 
 
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-class HubUnreachableError(OSError):
-    """The Hub does not answer and a file must come from it (one line, naming `HF_HUB_OFFLINE=1`)."""
-
-
-def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
-    """Fail at once when `name` (a model or dataset id) would be read from the Hub and the Hub does not answer.
-
-    Without this check, huggingface_hub retries a failed connection 5 times with backoff (~30 s, six log
-    lines) before failing. Local paths and `HF_HUB_OFFLINE=1` (cache only) need no network and pass.
-    One request to the Hub's endpoint, through huggingface_hub's own HTTP client (proxies, `HF_ENDPOINT`).
-
-    Args:
-        name: A Hub id or a local path.
-        timeout: Seconds to wait for the Hub's answer.
-
-    Raises:
-        HubUnreachableError: If the Hub cannot be reached, saying how to use the local cache instead.
-    """
-    if os.path.exists(name) or _offline():
-        return
-    from huggingface_hub import constants, get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP answer means the Hub is reachable
-    except Exception as exc:  # noqa: BLE001 - DNS, connection, proxy or TLS failure: reported as one line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HubUnreachableError(
-            f"cannot reach the Hub ({constants.ENDPOINT}: {reason}) to read {name!r}; connect to the network, "
-            "or set HF_HUB_OFFLINE=1 to use only the files already in the local cache"
-        ) from None
-
-
 def load_config_for_inspection(model: str, trust_remote_code: bool = False, revision: str | None = None):
     """The config of a local folder, a known transformers model type, or a Hub repository, in that order.
 
@@ -237,10 +200,10 @@ def load_config_for_inspection(model: str, trust_remote_code: bool = False, revi
         raise InspectError(str(exc)) from None
     try:
         return AutoConfig.from_pretrained(
-            model, trust_remote_code=trust_remote_code, revision=revision, local_files_only=_offline()
+            model, trust_remote_code=trust_remote_code, revision=revision, local_files_only=hub_offline()
         )
     except Exception as exc:  # noqa: BLE001 - Hub / network / remote-code errors, reported as one line
-        where = " (HF_HUB_OFFLINE is set: only configs already in the local cache can be read)" if _offline() else ""
+        where = " (HF_HUB_OFFLINE is set: only configs already in the local cache can be read)" if hub_offline() else ""
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise InspectError(f"could not read the config of {model!r}{where}: {type(exc).__name__}: {first_line}") from None
 
@@ -300,9 +263,9 @@ def _format_report(model_name: str, reports, model_train_gflops, lambda_: float,
     return "\n".join(lines)
 
 
-def _check_lambda(value: float) -> float:
+def _check_lambda(value: float | None) -> float:
     try:
-        return TrActConfig(lambda_=value).lambda_
+        return TrActConfig(**TrActConfig.given(lambda_=value)).lambda_
     except (TypeError, ValueError) as exc:
         raise InspectError(f"--lambda: {exc}") from None
 
@@ -360,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[1],
     )
     inspect.add_argument("model", help="Hub model id, local checkpoint folder, or model type (e.g. vit, convnext)")
-    inspect.add_argument("--lambda", dest="tract_lambda", type=float, default=0.1, help="TrAct lambda (default 0.1)")
+    inspect.add_argument(
+        "--lambda", dest="tract_lambda", type=float, default=None, help=f"TrAct lambda (default {TrActConfig().lambda_})"
+    )
     inspect.add_argument("--batch_size", type=_positive_int, default=128, help="images per step for the cost estimate")
     inspect.add_argument("--image_size", type=_positive_int, default=None, help="input side (default: from the config)")
     inspect.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -392,3 +357,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "FirstLayerReport",
+    "InspectError",
+    "build_parser",
+    "inspect_command",
+    "inspect_model",
+    "load_config_for_inspection",
+    "load_model_for_inspection",
+    "main",
+]

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+
 DEFAULT_LAMBDA = 0.1
 LAMBDA_HELP = "the paper uses 0.1 by default, 0.2 for long runs and 0.05 for short ones, with standardised inputs"
 

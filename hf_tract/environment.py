@@ -1,5 +1,5 @@
-"""What the launcher and the machine say about a run: how many processes were started, which one this is, and
-whether there is an accelerator.
+"""What the launcher and the machine say about a run: how many processes were started, which one this is,
+whether there is an accelerator, and whether the Hugging Face Hub can be reached.
 
 The one home of the launcher environment variables (torchrun, `accelerate launch`, mpirun / MPICH / MVAPICH),
 read by the Trainer integration, the examples and the tests.
@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
+
 
 # Set by a launcher to the number of processes it started: torchrun and accelerate (`WORLD_SIZE`), MPICH / Intel
 # MPI (`PMI_SIZE`), Open MPI (`OMPI_COMM_WORLD_SIZE`), MVAPICH (`MV2_COMM_WORLD_SIZE`); the first one set wins.
@@ -85,11 +86,51 @@ def check_distributed_setup(args) -> None:
         )
 
 
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` is set (read at call time: huggingface_hub reads it once, when it is imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class HubUnreachableError(OSError):
+    """The Hub does not answer and a file must come from it (one line, naming `HF_HUB_OFFLINE=1`)."""
+
+
+def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail at once when `name` (a model or dataset id) would be read from the Hub and the Hub does not answer.
+
+    Without this check, huggingface_hub retries a failed connection 5 times with backoff (~30 s, six log
+    lines) before failing. Local paths and `HF_HUB_OFFLINE=1` (cache only) need no network and pass.
+    One request to the Hub's endpoint, through huggingface_hub's own HTTP client (proxies, `HF_ENDPOINT`).
+
+    Args:
+        name (`str`): A Hub id or a local path.
+        timeout (`float`, *optional*, defaults to `3.0`): Seconds to wait for the Hub's answer.
+
+    Raises:
+        HubUnreachableError: If the Hub cannot be reached, saying how to use the local cache instead.
+    """
+    if os.path.exists(name) or hub_offline():
+        return
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)  # any HTTP answer means the Hub is reachable
+    except Exception as exc:  # noqa: BLE001 - DNS, connection, proxy or TLS failure: reported as one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HubUnreachableError(
+            f"cannot reach the Hub ({constants.ENDPOINT}: {reason}) to read {name!r}; connect to the network, "
+            "or set HF_HUB_OFFLINE=1 to use only the files already in the local cache"
+        ) from None
+
+
 __all__ = [
+    "HubUnreachableError",
     "LAUNCHER_VARIABLES",
     "WORLD_SIZE_VARIABLES",
     "check_distributed_setup",
+    "check_hub_reachable",
     "has_accelerator",
+    "hub_offline",
     "launched_processes",
     "needs_cpu_ddp",
     "process_rank",

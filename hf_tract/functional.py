@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .config import FLOAT32_REFINED
 from .geometry import PatchGeometry
 
+
 __all__ = [
     "CPU_FLOAT32_SOLVE_MAX_CONDITION",
     "DEFAULT_CHUNK_ELEMENTS",

@@ -16,6 +16,7 @@ from typing import Sequence, Union
 
 from torch import nn
 
+
 __all__ = ["PaddingArg", "PatchGeometry", "StepCost", "gram_size", "step_cost"]
 
 PaddingArg = Union[str, int, Sequence[int]]

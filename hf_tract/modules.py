@@ -38,6 +38,7 @@ from .functional import (
 )
 from .geometry import PatchGeometry
 
+
 __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "TrActConv1d",

@@ -16,6 +16,7 @@ from .probe_inputs import ExampleInputs
 from .targets import resolve_targets
 from .wrappers import unwrap_for_patching, unwrap_model
 
+
 logger = logging.getLogger(__name__)
 
 TRACT_TAG = "tract"

@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .probe_inputs import WEIGHT_LAYER_TYPES, ExampleInputs, ProbeInput, candidate_inputs, user_inputs
 
+
 logger = logging.getLogger(__name__)
 
 

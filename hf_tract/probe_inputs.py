@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+
 # The layers whose outputs are features, not pixels: the probe stops following the pixels at them, and a
 # vision tower is never one of them.
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)

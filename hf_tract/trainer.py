@@ -39,6 +39,7 @@ from .stats import TrActStatsCallback, collect_tract_stats
 from .training_args import TrActTrainingArguments
 from .wrappers import unwrap_model
 
+
 logger = logging.getLogger(__name__)
 
 

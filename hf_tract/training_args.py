@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 from .config import SOLVE_DTYPE_CHOICES, TrActConfig, check_lambda, parse_solve_dtype, parse_targets, solve_dtype_name
 from .environment import launched_processes, needs_cpu_ddp, process_rank
 
+
 logger = logging.getLogger(__name__)
 
 TRACT_OPTIMIZER_CHOICES = ("same", "sgd")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+
 _WRAPPER_NAMES = ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine")
 
 

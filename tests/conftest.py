@@ -2,7 +2,7 @@
 
 The builders live in `tests/multiproc/tiny.py` because the multi-process scripts under `tests/multiproc` run
 outside pytest and import them too; they are re-exported here so that a test file can take them from one
-place (`from tests.conftest import tiny_vit, ...` or `from tests.multiproc.tiny import ...`, the same objects).
+place: `from tests.conftest import tiny_vit, ...` (the scripts import `tests.multiproc.tiny` directly).
 """
 
 from __future__ import annotations

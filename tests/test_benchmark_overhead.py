@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from .benchmark_scripts import load_benchmark
-
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.mark.slow

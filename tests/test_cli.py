@@ -11,6 +11,7 @@ import pytest
 
 from hf_tract.cli import main
 
+
 pytest.importorskip("transformers")
 
 
@@ -108,3 +109,34 @@ def test_usage_error_is_one_line_and_exit_code_2():
     )  # fmt: skip
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--batch_size" in result.stderr
+
+
+def test_cli_inspect_model_type_json(capsys):
+    from hf_tract.cli import main
+
+    assert main(["inspect", "vit", "--json", "--batch_size", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (layer,) = report["layers"]
+    assert layer["name"] == "vit.embeddings.patch_embeddings.projection"
+    assert layer["layer_class"] == "Conv2d"
+    assert layer["weight_shape"] == [768, 3, 16, 16]
+    assert layer["n"] == 3 * 16 * 16 and layer["groups"] == 1
+    assert layer["patch_rows_per_image"] == (224 // 16) ** 2
+    assert layer["patch_rows_per_step"] == 8 * 196
+    assert layer["gram_gflops"] == pytest.approx(2 * 8 * 196 * 768**2 / 1e9)
+    assert 0 < layer["gram_gflops"] < report["model_train_gflops"]
+
+
+def test_cli_inspect_local_folder_and_text_output(tmp_path, capsys):
+    from transformers import ViTConfig
+
+    from hf_tract.cli import main
+
+    ViTConfig(image_size=32, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+              num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--lambda", "0.2", "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "vit.embeddings.patch_embeddings.projection" in out
+    assert "n (Gram size) 16" in out
+    assert "N = 256 per step" in out  # 4 images x 8x8 patches
+    assert "apply_tract(model, lambda_=0.2, target='vit.embeddings.patch_embeddings.projection')" in out

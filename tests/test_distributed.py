@@ -61,6 +61,9 @@ def test_example_under_torchrun_without_gpu_is_ddp(tmp_path):
     assert output.count("applied to the first layer") == 1
     assert output.count("training with CPU DDP") == 1
     assert "process group is initialized, but parallel_mode" not in output
+    # Every parameter of the ViT gets a gradient: the example turns DDP's unused-parameter search off (no warning).
+    assert records[0]["ddp_find_unused_parameters"] is False
+    assert "find_unused_parameters=True was specified" not in output
     assert "- tract" in (out / "README.md").read_text()
 
 
@@ -103,7 +106,7 @@ def test_trainer_two_processes_equals_single_process(tmp_path):
     run with batch 8; without sync_gram the first layer ends up visibly different."""
     from hf_tract.hub import verify_plain_checkpoint
 
-    from tests.multiproc.tiny import tiny_vit
+    from tests.conftest import tiny_vit
 
     # One launch, two runs: with the Gram all-reduced, then without.
     torchrun("trainer_e2e.py", str(tmp_path / "ddp_sync"), "4", "{}", str(tmp_path / "ddp_local"), '{"tract_sync_gram": false}')

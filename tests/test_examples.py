@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = (
@@ -274,100 +274,7 @@ def test_no_trainer_script_adds_only_the_tract_lines():
     assert code.index("apply_tract(model,") < code.index("accelerator.prepare(")
 
 
-# --- The top-k metric module --------------------------------------------------------------------------
-
-
-def reference_top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Top-k by sorting (no ties in random float logits)."""
-    top = np.argsort(-logits, axis=1)[:, :k]
-    return float(np.mean([label in row for label, row in zip(labels, top)]))
-
-
-@pytest.mark.parametrize("load_from", ["folder", "file", "helper"])
-def test_top_k_metric_loads_offline_and_matches_reference(load_from, monkeypatch):
-    import evaluate
-
-    from hf_tract.metrics import TOP_K_ACCURACY_PATH, load_top_k_accuracy
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    if load_from == "helper":
-        metric = load_top_k_accuracy()
-    elif load_from == "file":
-        metric = evaluate.load(str(Path(TOP_K_ACCURACY_PATH) / "top_k_accuracy.py"))
-    else:
-        metric = evaluate.load(TOP_K_ACCURACY_PATH)
-
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(300, 10)).astype(np.float32)
-    labels = rng.integers(0, 10, size=300)
-    # Batches added one by one give the same result as one compute (as during a Trainer evaluation).
-    for start in range(0, 300, 128):
-        metric.add_batch(predictions=logits[start : start + 128], references=labels[start : start + 128])
-    result = metric.compute(top_k=(1, 3, 5))
-    for k in (1, 3, 5):
-        assert result[f"top{k}_accuracy"] == pytest.approx(reference_top_k(logits, labels, k))
-
-
-def test_top_k_metric_known_values_and_class_ids():
-    from hf_tract.metrics import load_top_k_accuracy
-
-    metric = load_top_k_accuracy()
-    scores = [[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]
-    assert metric.compute(predictions=scores, references=[2, 2, 2], top_k=(1, 2, 3)) == {
-        "top1_accuracy": pytest.approx(1 / 3),
-        "top2_accuracy": pytest.approx(1.0),
-        "top3_accuracy": pytest.approx(1.0),
-    }
-    # Weighted: the only wrong example (first) carries half the weight.
-    assert metric.compute(
-        predictions=scores, references=[2, 2, 2], top_k=1, sample_weight=[2, 1, 1]
-    ) == {"top1_accuracy": pytest.approx(0.25)}
-    assert metric.compute(predictions=[1, 2, 2, 0], references=[1, 2, 0, 0], top_k=1) == {"top1_accuracy": 0.75}
-    with pytest.raises(ValueError, match="only top_k=1"):
-        metric.compute(predictions=[1, 2], references=[1, 2])
-
-
 # --- hf-tract inspect ----------------------------------------------------------------------------------
-
-
-def test_cli_inspect_model_type_json(capsys):
-    from hf_tract.cli import main
-
-    assert main(["inspect", "vit", "--json", "--batch_size", "8"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    (layer,) = report["layers"]
-    assert layer["name"] == "vit.embeddings.patch_embeddings.projection"
-    assert layer["layer_class"] == "Conv2d"
-    assert layer["weight_shape"] == [768, 3, 16, 16]
-    assert layer["n"] == 3 * 16 * 16 and layer["groups"] == 1
-    assert layer["patch_rows_per_image"] == (224 // 16) ** 2
-    assert layer["patch_rows_per_step"] == 8 * 196
-    assert layer["gram_gflops"] == pytest.approx(2 * 8 * 196 * 768**2 / 1e9)
-    assert 0 < layer["gram_gflops"] < report["model_train_gflops"]
-
-
-def test_cli_inspect_local_folder_and_text_output(tmp_path, capsys):
-    from transformers import ViTConfig
-
-    from hf_tract.cli import main
-
-    ViTConfig(image_size=32, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
-              num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
-    assert main(["inspect", str(tmp_path), "--lambda", "0.2", "--batch_size", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "vit.embeddings.patch_embeddings.projection" in out
-    assert "n (Gram size) 16" in out
-    assert "N = 256 per step" in out  # 4 images x 8x8 patches
-    assert "apply_tract(model, lambda_=0.2, target='vit.embeddings.patch_embeddings.projection')" in out
-
-
-def test_inspect_grouped_conv_gram_size():
-    from hf_tract.cli import gram_size
-
-    assert gram_size(torch.nn.Conv2d(6, 12, kernel_size=3, groups=3)) == (2 * 9, 3)
-    assert gram_size(torch.nn.Conv1d(4, 8, kernel_size=5)) == (20, 1)
-    assert gram_size(torch.nn.Linear(48, 7)) == (48, 1)
 
 
 # --- What the examples share and need -------------------------------------------------------------------
@@ -405,8 +312,8 @@ def test_no_trainer_defaults_are_the_main_scripts():
 
 def test_examples_extra_installs_what_the_examples_import():
     import ast
-    import tomllib
 
+    import tomllib
     import transformers
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

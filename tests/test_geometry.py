@@ -12,6 +12,7 @@ from hf_tract import apply_tract
 from hf_tract.functional import patch_matrix
 from hf_tract.geometry import PatchGeometry, gram_size, step_cost
 
+
 # (layer, input shape): every layer type, padding form and padding mode the geometry must reproduce.
 LAYERS = {
     "linear_tokens": (lambda: nn.Linear(12, 5), (2, 7, 12)),
@@ -118,3 +119,11 @@ def test_step_cost_grouped_conv_counts_one_gram_per_group():
     assert cost.solve_flops == 3 * (18**3 / 3 + 2 * 18 * 18 * 4)
     assert cost.layer_train_flops == 6 * 10 * 18 * 4 * 3
     assert cost.gram_bytes == 4 * 3 * 18 * 18
+
+
+def test_inspect_grouped_conv_gram_size():
+    from hf_tract.cli import gram_size
+
+    assert gram_size(torch.nn.Conv2d(6, 12, kernel_size=3, groups=3)) == (2 * 9, 3)
+    assert gram_size(torch.nn.Conv1d(4, 8, kernel_size=5)) == (20, 1)
+    assert gram_size(torch.nn.Linear(48, 7)) == (48, 1)

@@ -21,7 +21,8 @@ from hf_tract import apply_tract, is_tract_applied
 from hf_tract.geometry import PatchGeometry
 from hf_tract.modules import _GramState, tract_op
 
-from .oracle import patch_matrix_reference, relative_error, tract_grad_reference
+from tests.oracle import patch_matrix_reference, relative_error, tract_grad_reference
+
 
 requires_cuda = [
     pytest.mark.gpu,

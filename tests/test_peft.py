@@ -7,8 +7,9 @@ import torch
 
 from hf_tract import apply_tract, remove_tract, tract_layers
 
-from .oracle import patch_matrix_reference, relative_error, tract_grad_reference
-from tests.multiproc.tiny import tiny_rgb_vit as tiny_vit
+from tests.conftest import tiny_rgb_vit as tiny_vit
+from tests.oracle import patch_matrix_reference, relative_error, tract_grad_reference
+
 
 peft = pytest.importorskip("peft")
 

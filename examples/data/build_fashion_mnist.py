@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 CLASS_NAMES = [
     "T-shirt/top",
     "Trouser",

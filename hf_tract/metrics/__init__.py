@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 TOP_K_ACCURACY_PATH = str(Path(__file__).resolve().parent / "top_k_accuracy")
 """Folder of the top-k accuracy module; `evaluate.load(TOP_K_ACCURACY_PATH)` works offline."""
 

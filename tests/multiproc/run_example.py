@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_image_classification.py"
 
 

@@ -9,6 +9,7 @@ import datasets
 import evaluate
 import numpy as np
 
+
 _DESCRIPTION = """
 Top-k accuracy: the fraction of examples whose reference class is among the k highest-scoring classes.
 Predictions are per-class scores (logits or probabilities, shape (N, C)); with class ids (shape (N,))
