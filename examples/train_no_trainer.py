@@ -39,6 +39,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+
+# isort: off
+from hf_tract import apply_tract  # TrAct
+from hf_tract import tract_config_of, tract_layers
+# isort: on
+from hf_tract.config import SOLVE_DTYPE_CHOICES
+from hf_tract.environment import has_accelerator, launched_processes
+from hf_tract.metrics import load_top_k_accuracy
+
 from train_image_classification import (
     DEFAULT_TRAINING_ARGS,
     DataTrainingArguments,
@@ -54,16 +65,6 @@ from train_image_classification import (
     prepare_splits,
     top_k_for,
 )
-from transformers import get_scheduler
-
-from hf_tract import (
-    apply_tract,  # TrAct
-    tract_config_of,
-    tract_layers,
-)
-from hf_tract.config import SOLVE_DTYPE_CHOICES
-from hf_tract.environment import has_accelerator, launched_processes
-from hf_tract.metrics import load_top_k_accuracy
 
 
 logger = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def test_step_cost_grouped_conv_counts_one_gram_per_group():
 
 
 def test_inspect_grouped_conv_gram_size():
-    from hf_tract.cli import gram_size
+    from hf_tract.geometry import gram_size
 
     assert gram_size(torch.nn.Conv2d(6, 12, kernel_size=3, groups=3)) == (2 * 9, 3)
     assert gram_size(torch.nn.Conv1d(4, 8, kernel_size=5)) == (20, 1)
