@@ -66,7 +66,7 @@ def apply_tract(
     lambda_: Optional[float] = None,
     target: Optional[Union[str, Iterable[str]]] = None,
     sync_gram: Any = None,
-    solve_dtype: Optional[torch.dtype] = None,
+    solve_dtype: Union[torch.dtype, str, None] = None,
     example_inputs: Optional[ExampleInputs] = None,
 ) -> nn.Module:
     """Train the first layer(s) of `model` with TrAct, in place.
@@ -94,9 +94,9 @@ def apply_tract(
         sync_gram (`bool` or `torch.distributed.ProcessGroup`, *optional*):
             All-reduce the Gram across processes (`True`: the default group), making R processes exactly
             single-process TrAct on the global batch. Default `False`: each process uses its own batch's Gram.
-        solve_dtype (`torch.dtype`, *optional*):
+        solve_dtype (`torch.dtype` or `str`, *optional*):
             dtype of the Cholesky solve (`torch.float32` / `torch.float64`; `"float32"` / `"float64"` /
-            `"auto"` are accepted). Default: float64 on GPUs; on CPU float32 when an a-priori condition
+            `"float32_refined"` / `"auto"` are accepted). Default: float64 on GPUs; on CPU float32 when an a-priori condition
             bound guarantees ~1e-3 accuracy (standardised inputs), float64 otherwise.
         example_inputs (`torch.Tensor` or `dict`, *optional*):
             Input for the discovery probe (see [`hf_tract.find_first_layers`]).

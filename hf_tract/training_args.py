@@ -51,7 +51,8 @@ class TrActTrainingArguments(TrainingArguments):
             on the global batch. Unset: the model's, else off (each process uses its own batch's Gram).
         tract_solve_dtype (`str`, *optional*):
             dtype of the Cholesky solve: `"auto"` (float64 on GPUs; on CPU float32 when provably accurate),
-            `"float32"` or `"float64"`. Unset: the model's, else `"auto"`.
+            `"float32"`, `"float64"` or `"float32_refined"` (float32 plus one float64 refinement step). Unset: the
+            model's, else `"auto"`.
         tract_optimizer (`str`, *optional*, defaults to `"same"`):
             `"same"`: the TrAct layer is updated by the optimizer chosen with `optim`, in its own parameter
             groups when `tract_learning_rate` / `tract_weight_decay` are set. `"sgd"`: the TrAct layer is updated
@@ -101,7 +102,7 @@ class TrActTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "dtype of TrAct's Cholesky solve: auto (float64 on GPUs, float32 on CPU when provably "
-            "accurate), float32 or float64. Default: the model's patch, else auto.",
+            "accurate), float32, float64 or float32_refined. Default: the model's patch, else auto.",
             "choices": list(SOLVE_DTYPE_CHOICES),
         },
     )
