@@ -40,11 +40,39 @@ __all__ = [
 ]
 
 
+# Tests that start processes of their own (torchrun, the examples, the benchmarks' smoke runs): each process
+# imports torch and transformers (~1 GB), so they form one xdist group (`--dist loadgroup`, in pyproject.toml)
+# and run one at a time, on one worker, while the other worker runs in-process tests.
+SUBPROCESS_TEST_FILES = {"test_distributed.py", "test_examples.py", "test_interrupted.py", "test_benchmark_convergence.py",
+                         "test_benchmark_overhead.py", "test_benchmark_finetune.py"}
+
+
 def pytest_configure(config):
     # Under pytest-xdist every worker is a process of its own: one torch thread each, so that two workers do not
     # oversubscribe two cores (the tiny models of the suite are launch-bound; more threads buy them nothing).
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("multiproc") or item.path.name in SUBPROCESS_TEST_FILES:
+            item.add_marker(pytest.mark.xdist_group("subprocesses"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_freed_memory():
+    """After each test module, hand the memory its models freed back to the OS (glibc keeps freed heap pages
+    otherwise), so that a long-lived xdist worker's resident memory does not ratchet up to its largest test's."""
+    yield
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @pytest.fixture
