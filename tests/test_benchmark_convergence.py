@@ -241,3 +241,22 @@ def test_quick_mode_smoke(tmp_path):
     resumed = json.loads(output.read_text())
     assert resumed["runs"] == result["runs"]
     assert resumed["previous_environments"][0]["started"] == result["environment"]["started"]
+
+
+@pytest.mark.parametrize("setting, variant", [
+    ("vit-muon-std", presets.Variant.with_tract(0.1)),
+    ("vit-adam-std", presets.Variant.with_tract(0.1, first_layer_init="whiten")),
+    ("vit-adam-std", presets.Variant(first_layer_init="whiten_frozen")),
+])
+def test_item2_runs_train(setting, variant):
+    """Muon (+ TrAct) and the whitened first layer (+ TrAct, or frozen) run end to end on random images."""
+    from benchmarks.convergence.training import train_run
+
+    preset = presets.PRESETS["quick"]
+    gen = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)  # noqa: E731
+    labels = lambda n: torch.randint(0, 10, (n,), generator=gen)  # noqa: E731
+    fake = data.Data(images(128), labels(128), images(32), labels(32), images(32), labels(32), 0.3, 0.35)
+    rec = train_run(presets.Setting.from_name(setting), preset, fake, data.eval_sets(fake, "std", 32), 0.01, variant, 1,
+                    0, torch.device("cpu"))
+    assert rec["steps"] == 2 and not rec["diverged"] and 0 <= rec["test_acc"] <= 1

@@ -16,8 +16,8 @@ from benchmarks import harness
 from . import report
 from .data import eval_sets, find_data_dir, load_fashion_mnist
 from .planning import PHASES, planned_runs, preset_from_args, run_key, timing_overrides
-from .presets import LR_GRIDS, PLAIN, PRESETS, Setting, Variant
-from .results import adopt_step_times, merge_results, start_result
+from .presets import LR_GRIDS, PLAIN, PRESETS, RESULT_NAMES, Setting, Variant
+from .results import adopt_step_times, merge_results, reuse_runs, start_result
 from .timing import measure_step_times
 from .training import train_run
 
@@ -33,6 +33,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     data = load_fashion_mnist(data_dir, preset, device)
     out = Path(args.output)
     result = start_result(args.mode, preset, data, data_dir, device, args.note, out if args.resume else None)
+    if args.reuse_runs:
+        planned = [(name, variant.name, epochs, seed) for name, variant, epochs, seed in planned_runs(preset, tuple(args.phases))]
+        reuse_runs(Path(args.reuse_runs), result, planned)
     done = {r["key"]: r for r in result["runs"]}
     start = time.perf_counter()
     evals = {name: eval_sets(data, Setting.from_name(name).inputs, preset.n_train_eval) for name in preset.settings}
@@ -116,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only add the runs of another results file of the same mode to --output, then rewrite the report")
     parser.add_argument("--plots-dir", default=str(harness.PLOTS_DIR), help="folder for the PNG plots")
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
+    parser.add_argument("--reuse-runs", metavar="JSON", default=None,
+                        help="take the learning-rate choices and the planned runs that another results file of the same "
+                        "protocol already made (e.g. plain / TrAct of cpu-full for --mode cpu-full-whitening) instead of training them")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output file and skip them")
     parser.add_argument("--report", metavar="JSON", default=None, help="only rewrite the table and plots of an existing results file")
     parser.add_argument(
@@ -138,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {','.join(PHASES)}")
     args.device = args.device or ("cuda" if args.mode == "gpu" else "cpu")
-    args.output = args.output or str(harness.RESULTS_DIR / f"convergence_{args.mode}.json")
+    args.output = args.output or str(harness.RESULTS_DIR / f"{RESULT_NAMES.get(args.mode, 'convergence_' + args.mode)}.json")
     return args
 
 

@@ -19,7 +19,7 @@ FIRST_LAYER_INITS = ("default", "whiten", "whiten_frozen")
 
 __all__ = [
     "ARCHS", "OPTIMIZERS", "INPUTS", "LR_GRIDS", "FIRST_LAYER_INITS", "Setting", "Variant", "PLAIN", "Preset",
-    "SMALL_VIT", "SMALL_RESNET", "PRESETS",
+    "SMALL_VIT", "SMALL_RESNET", "PRESETS", "RESULT_NAMES",
 ]
 
 
@@ -279,3 +279,15 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+
+# Issue 17, item 2: the cpu-full protocol (data, augmentation, seeds, models) at budgets 2 and 8 for the ViT,
+# (a) with Muon for the hidden matrices (its learning rate chosen for plain Muon), (b) with the patch-whitening
+# initialisation of the first layer, frozen and trainable. `--reuse-runs` takes the plain / TrAct runs that
+# cpu-full already made (runs are deterministic per seed on CPU) instead of training them again.
+_CPU_FULL_SUBSET = dict(budgets=[2, 8], late_budgets={}, ablation_settings=[], fidelity_settings=[], fidelity_seeds=[])
+PRESETS["cpu-full-muon"] = dataclasses.replace(PRESETS["cpu-full"], settings=["vit-muon-std"], **_CPU_FULL_SUBSET)
+PRESETS["cpu-full-whitening"] = dataclasses.replace(
+    PRESETS["cpu-full"], settings=["vit-adam-std"], first_layer_inits=["whiten", "whiten_frozen"], **_CPU_FULL_SUBSET
+)
+# Where a mode's results go by default, when not `convergence_<mode>.json`.
+RESULT_NAMES = {"cpu-full-muon": "muon_cpu-full", "cpu-full-whitening": "whitening_cpu-full"}

@@ -12,9 +12,10 @@ import torch
 from benchmarks import harness
 
 from .data import Data
+from .planning import run_key
 from .presets import LR_GRIDS, Preset
 
-__all__ = ["start_result", "merge_results", "adopt_step_times"]
+__all__ = ["start_result", "merge_results", "adopt_step_times", "reuse_runs"]
 
 
 def start_result(mode: str, preset: Preset, data: Data, data_dir: Path, device: torch.device, note: str,
@@ -110,3 +111,24 @@ def adopt_step_times(step_times_path: Path, result_path: Path) -> None:
     harness.save_json(result, result_path)
 
 
+
+
+def reuse_runs(source: Path, result: dict[str, Any], planned: list[tuple[str, str, int, int]]) -> int:
+    """Copies into `result` the learning-rate choices of its settings and the `planned` (setting, variant, epochs,
+    seed) runs that `source` already holds, each marked `reused_from`; returns how many runs were copied.
+
+    For presets that share a protocol with an existing file (same data, models, augmentation, seeds): runs are
+    deterministic per seed on CPU, so training them again would give the same numbers.
+    """
+    src = json.loads(source.read_text())
+    settings = {name for name, *_ in planned}
+    for name in settings & set(src["lr_choice"]):
+        result["lr_choice"].setdefault(name, dict(src["lr_choice"][name], reused_from=source.name))
+    keys = {run_key(name, variant, epochs, seed, result["lr_choice"][name]["lr"])
+            for name, variant, epochs, seed in planned if name in result["lr_choice"]}
+    have = {r["key"] for r in result["runs"]}
+    added = [dict(r, reused_from=source.name) for r in src["runs"] if r["key"] in keys and r["key"] not in have]
+    result["runs"] += added
+    result.setdefault("reused", []).append({"source": source.name, "runs": len(added), "source_commit": src["environment"]["git_commit"],
+                                            "source_command": src["environment"]["command"]})
+    return len(added)
