@@ -98,7 +98,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         "|---|---|---|---|---|",
     ]
     for key, rec in result["pretraining"].items():
-        lines.append(f"| {key} | {rec['n_train']} | {rec['steps']} | {100 * rec['source_test_acc']:.2f} | {rec['train_seconds']:.0f} |")
+        lines.append(f"| {rec['arch']} on {rec['source']} | {rec['n_train']} | {rec['steps']} | {100 * rec['source_test_acc']:.2f} | {rec['train_seconds']:.0f} |")
     lines += [
         "",
         "## Results (mean ± std over seeds; differences paired by seed)",
@@ -119,7 +119,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         )
     lines += ["", "## Learning-rate choice (plain, seed 0, validation accuracy)", "", "| cell | chosen | validation accuracy per lr |", "|---|---|---|"]
     for cell, choice in result["lr_choice"].items():
-        lines.append(f"| {cell} | {choice['lr']:g} | " + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " |")
+        lines.append(f"| {cell.replace('|', ' / ')} | {choice['lr']:g} | " + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " |")
     if plot_paths:
         lines += ["", "## Plot", ""] + [f"![{Path(p).stem}]({os.path.relpath(p, md_dir)})" for p in plot_paths]
     return "\n".join(line for line in lines if line is not None) + "\n"
@@ -147,7 +147,7 @@ def plot(result: dict[str, Any], path: Path) -> list[str]:
             ax.bar([x + i * width for x in xs], [100 * found[cells[x]]["test_acc"][0] for x in xs], width,
                    yerr=[100 * found[cells[x]]["test_acc"][1] for x in xs], label=_label(variant))
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cells))])
-        ax.set_xticklabels([c.split("|", 1)[1].replace("|", "\n") + " labels" for c in cells], fontsize=7)
+        ax.set_xticklabels([f"{c.split('|')[1]}\n{'all' if c.split('|')[2] == '0' else c.split('|')[2]} labels" for c in cells], fontsize=7)
         lows = [100 * r["test_acc"][0] for r in rows if r["cell"] in cells]
         ax.set_ylim(min(lows) - 3, min(100, max(lows) + 2))
         ax.set_title(f"{arch}: test accuracy after fine-tuning")
