@@ -254,8 +254,8 @@ def test_item2_runs_train(setting, variant):
 
     preset = presets.PRESETS["quick"]
     gen = torch.Generator().manual_seed(0)
-    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)  # noqa: E731
-    labels = lambda n: torch.randint(0, 10, (n,), generator=gen)  # noqa: E731
+    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = lambda n: torch.randint(0, 10, (n,), generator=gen)
     fake = data.Data(images(128), labels(128), images(32), labels(32), images(32), labels(32), 0.3, 0.35)
     rec = train_run(presets.Setting.from_name(setting), preset, fake, data.eval_sets(fake, "std", 32), 0.01, variant, 1,
                     0, torch.device("cpu"))

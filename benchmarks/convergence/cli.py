@@ -21,7 +21,7 @@ from .results import adopt_step_times, merge_results, reuse_runs, start_result
 from .timing import measure_step_times
 from .training import train_run
 
-__all__ = ["main", "parse_args", "run_benchmark", "remeasure_step_times"]
+__all__ = ["main", "parse_args", "remeasure_step_times", "run_benchmark"]
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:

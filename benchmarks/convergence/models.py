@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from hf_tract import apply_tract, find_first_layer
 
 from .presets import Variant
 from .whitening import whiten_first_layer
 
-__all__ = ["build_model", "apply_variant"]
+__all__ = ["apply_variant", "build_model"]
 
 
 def build_model(arch: str, model_kwargs: dict[str, Any], seed: int, num_labels: int = 10) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from hf_tract.optim import CombinedOptimizer, split_tract_param_groups
 
 from .presets import Variant
 
-__all__ = ["WARMUP_FRACTION", "MUON_ADAMW_LR", "make_optimizer", "cosine_with_warmup"]
+__all__ = ["MUON_ADAMW_LR", "WARMUP_FRACTION", "cosine_with_warmup", "make_optimizer"]
 
 WARMUP_FRACTION = 0.05
 MUON_ADAMW_LR = 1e-3  # AdamW part of a Muon run: the plain AdamW learning rate chosen in cpu-full

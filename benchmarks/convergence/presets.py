@@ -18,8 +18,19 @@ LR_GRIDS = {"adam": (3e-4, 1e-3, 3e-3), "sgd": (0.03, 0.1, 0.3), "muon": (0.01, 
 FIRST_LAYER_INITS = ("default", "whiten", "whiten_frozen")
 
 __all__ = [
-    "ARCHS", "OPTIMIZERS", "INPUTS", "LR_GRIDS", "FIRST_LAYER_INITS", "Setting", "Variant", "PLAIN", "Preset",
-    "SMALL_VIT", "SMALL_RESNET", "PRESETS", "RESULT_NAMES",
+    "ARCHS",
+    "FIRST_LAYER_INITS",
+    "INPUTS",
+    "LR_GRIDS",
+    "OPTIMIZERS",
+    "PLAIN",
+    "PRESETS",
+    "RESULT_NAMES",
+    "SMALL_RESNET",
+    "SMALL_VIT",
+    "Preset",
+    "Setting",
+    "Variant",
 ]
 
 

@@ -15,7 +15,7 @@ from .data import Data
 from .planning import run_key
 from .presets import LR_GRIDS, Preset
 
-__all__ = ["start_result", "merge_results", "adopt_step_times", "reuse_runs"]
+__all__ = ["adopt_step_times", "merge_results", "reuse_runs", "start_result"]
 
 
 def start_result(mode: str, preset: Preset, data: Data, data_dir: Path, device: torch.device, note: str,

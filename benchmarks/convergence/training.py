@@ -17,7 +17,7 @@ from .models import apply_variant, build_model
 from .optimizers import cosine_with_warmup, make_optimizer
 from .presets import Preset, Setting, Variant
 
-__all__ = ["FIRST_STEPS_LOGGED", "FitLog", "fit", "evaluate", "train_run"]
+__all__ = ["FIRST_STEPS_LOGGED", "FitLog", "evaluate", "fit", "train_run"]
 
 FIRST_STEPS_LOGGED = 50  # per-step training losses kept per run (fidelity comparison)
 
@@ -47,7 +47,7 @@ def fit(
     std: float,
     crop_pad: int = 0,
     hflip: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
 ) -> FitLog:
     """Trains `model` for `steps` minibatch steps with a cosine schedule (warm-up included), epoch after epoch.
 
@@ -60,6 +60,7 @@ def fit(
         labels (`torch.Tensor`): int64 labels.
         inputs (`str`), mean (`float`), std (`float`): preprocessing (see [`data.preprocess`]).
     """
+    device = device or images.device
     scheduler = cosine_with_warmup(optimizer, steps)
     steps_per_epoch = len(images) // batch_size
     if steps_per_epoch == 0:

@@ -9,19 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTImageProcessor,
+)
 from transformers.utils import logging as hf_logging
 
+from benchmarks.convergence.data import preprocess
 from benchmarks.convergence.models import build_model
 from benchmarks.convergence.optimizers import make_optimizer
 from benchmarks.convergence.presets import PLAIN
 from benchmarks.convergence.training import evaluate, fit
-from benchmarks.convergence.data import preprocess
 
 from .presets import FinetunePreset
 from .tasks import SourceTask, label_names
 
-__all__ = ["pretrain", "load_for_finetuning", "processor_stats"]
+__all__ = ["load_for_finetuning", "pretrain", "processor_stats"]
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

@@ -21,7 +21,7 @@ from .presets import PRESETS, FinetunePreset, Transfer
 from .runs import finetune_evals, finetune_run
 from .tasks import DATASET_OF, source_task, target_task
 
-__all__ = ["main", "parse_args", "run_benchmark", "run_key", "cell_key"]
+__all__ = ["cell_key", "main", "parse_args", "run_benchmark", "run_key"]
 
 
 def cell_key(arch: str, transfer: Transfer, labels: int) -> str:

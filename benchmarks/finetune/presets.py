@@ -8,7 +8,7 @@ from typing import Any
 from benchmarks.convergence.presets import PRESETS as CONVERGENCE_PRESETS
 from benchmarks.convergence.presets import SMALL_RESNET, SMALL_VIT
 
-__all__ = ["Transfer", "FinetunePreset", "PRESETS", "ALL"]
+__all__ = ["ALL", "PRESETS", "FinetunePreset", "Transfer"]
 
 ALL = 0  # label budget: every training image of the target task (after the validation split)
 

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["summarize", "markdown_report", "plot", "write_report"]
+__all__ = ["markdown_report", "plot", "summarize", "write_report"]
 
 METRICS = ("test_acc", "train_loss", "first_layer_drift")
 
@@ -97,7 +97,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         "| checkpoint | source images | steps | source test acc % | seconds |",
         "|---|---|---|---|---|",
     ]
-    for key, rec in result["pretraining"].items():
+    for rec in result["pretraining"].values():
         lines.append(f"| {rec['arch']} on {rec['source']} | {rec['n_train']} | {rec['steps']} | {100 * rec['source_test_acc']:.2f} | {rec['train_seconds']:.0f} |")
     lines += [
         "",

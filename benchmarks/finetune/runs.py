@@ -17,7 +17,7 @@ from hf_tract import find_first_layer
 from .checkpoints import load_for_finetuning
 from .presets import FinetunePreset
 
-__all__ = ["finetune_steps", "finetune_evals", "finetune_run"]
+__all__ = ["finetune_evals", "finetune_run", "finetune_steps"]
 
 
 def finetune_steps(preset: FinetunePreset, n_train: int) -> int:

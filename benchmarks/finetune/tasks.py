@@ -12,7 +12,7 @@ from benchmarks.convergence.data import Data, read_idx_dataset
 
 from .presets import ALL
 
-__all__ = ["FASHION_NAMES", "SourceTask", "DATASET_OF", "label_names", "source_task", "target_task"]
+__all__ = ["DATASET_OF", "FASHION_NAMES", "SourceTask", "label_names", "source_task", "target_task"]
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DATASET_OF = {"fmnist04": "fashion-mnist", "mnist": "mnist", "fmnist59": "fashion-mnist", "fmnist": "fashion-mnist"}
