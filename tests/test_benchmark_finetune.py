@@ -73,8 +73,11 @@ def test_smoke_mode(tmp_path):
     assert "## Results" in markdown and "TrAct λ=0.1" in markdown
     assert (tmp_path / "finetune_smoke_test_acc.png").stat().st_size > 0
 
-    # --resume reuses the checkpoints and the runs: nothing is trained again (in-process: no second start-up;
-    # --threads 0 leaves this process's torch threads alone)
-    cli.main([*arguments, "--resume", "--threads", "0"])
+    # --resume reuses the checkpoints and the runs: only the learning rate checked outside the grid is new
+    # (in-process: no second start-up; --threads 0 leaves this process's torch threads alone)
+    cli.main([*arguments, "--resume", "--threads", "0", "--extra-lrs", "vit=0.003"])
     resumed = json.loads(output.read_text())
-    assert resumed["runs"] == result["runs"] and resumed["pretraining"] == result["pretraining"]
+    assert resumed["runs"][: len(result["runs"])] == result["runs"] and resumed["pretraining"] == result["pretraining"]
+    assert len(resumed["runs"]) == len(result["runs"]) + 1 and resumed["lr_choice"] == result["lr_choice"]
+    assert set(resumed["lr_check"]["vit|mnist->fmnist|64"]) == {"0.003"}
+    assert "outside the grid" in output.with_suffix(".md").read_text()

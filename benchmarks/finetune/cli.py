@@ -120,6 +120,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 result["lr_choice"][cell] = {"lr": best, "val_acc": {f"{lr:g}": acc for lr, acc in scores.items()},
                                              "seed": preset.seeds[0]}
                 save()
+        for transfer, labels in cells:  # plain, seed 0, at learning rates outside the grid: is the choice at its edge?
+            cell = cell_key(arch, transfer, labels)
+            for lr in args.extra_lrs.get(arch, []):
+                val_acc = run(arch, transfer, labels, PLAIN, preset.seeds[0], lr)["val_acc"]
+                result.setdefault("lr_check", {}).setdefault(cell, {})[f"{lr:g}"] = val_acc
+                save()
         for seed in preset.seeds:  # seed-major: a cut run leaves every cell with the same seeds
             for transfer, labels in cells:
                 for variant in variants:
@@ -146,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--transfers", type=lambda s: s.split(","), default=None, help="e.g. fmnist04->fmnist59,mnist->fmnist")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=None, help="comma-separated seeds")
     parser.add_argument("--lambdas", type=lambda s: [float(v) for v in s.split(",")], default=None, help="comma-separated TrAct lambdas")
+    parser.add_argument("--extra-lrs", type=lambda s: {a: [float(v)] for a, v in (kv.split("=") for kv in s.split(","))},
+                        default={}, help="per architecture, one learning rate outside the grid to check with plain seed-0 runs "
+                        "(recorded as lr_check; the choice stays the grid's), e.g. vit=0.003,resnet=0.3")
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output file and skip them")
     parser.add_argument("--report", metavar="JSON", default=None, help="only rewrite the markdown and plot of a results file")

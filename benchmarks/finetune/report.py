@@ -117,9 +117,15 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
             f"{_pm(row['train_loss'], 1, '.4f')} | {_pm(row.get('train_loss_diff'), 1, '.4f', sign=True)} | "
             f"{_pm(row['first_layer_drift'], 1, '.3f')} |"
         )
-    lines += ["", "## Learning-rate choice (plain, seed 0, validation accuracy)", "", "| cell | chosen | validation accuracy per lr |", "|---|---|---|"]
+    lines += ["", "## Learning-rate choice (plain, seed 0, validation accuracy)", "",
+              "Outside the grid: plain seed-0 runs made afterwards (`--extra-lrs`) to see whether the choice sits at the "
+              "grid's edge; they do not change the choice.", "",
+              "| cell | chosen | validation accuracy per lr | outside the grid |", "|---|---|---|---|"]
     for cell, choice in result["lr_choice"].items():
-        lines.append(f"| {cell.replace('|', ' / ')} | {choice['lr']:g} | " + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " |")
+        extra = result.get("lr_check", {}).get(cell, {})
+        lines.append(f"| {cell.replace('|', ' / ')} | {choice['lr']:g} | "
+                     + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " | "
+                     + (", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in extra.items()) or "—") + " |")
     if plot_paths:
         lines += ["", "## Plot", ""] + [f"![{Path(p).stem}]({os.path.relpath(p, md_dir)})" for p in plot_paths]
     return "\n".join(line for line in lines if line is not None) + "\n"
