@@ -61,6 +61,12 @@ def _pm(pair: tuple[float, float] | None, scale: float = 1.0, spec: str = ".2f",
     return f"{mean:{'+' if sign else ''}{spec}} ± {std:{spec}}"
 
 
+def _cell_label(cell: str) -> str:
+    """`"vit|fmnist04->fmnist59|0"` -> `"vit / fmnist04->fmnist59 / all"` (no pipes inside a table cell)."""
+    arch, transfer, labels = cell.split("|")
+    return f"{arch} / {transfer} / {'all' if labels == '0' else labels}"
+
+
 def _label(variant: str) -> str:
     return "plain" if variant == "plain" else "TrAct λ=" + variant.split("_")[1]
 
@@ -123,7 +129,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
               "| cell | chosen | validation accuracy per lr | outside the grid |", "|---|---|---|---|"]
     for cell, choice in result["lr_choice"].items():
         extra = result.get("lr_check", {}).get(cell, {})
-        lines.append(f"| {cell.replace('|', ' / ')} | {choice['lr']:g} | "
+        lines.append(f"| {_cell_label(cell)} | {choice['lr']:g} | "
                      + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " | "
                      + (", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in extra.items()) or "—") + " |")
     if plot_paths:
