@@ -113,12 +113,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for arch in preset.archs:
         for transfer, labels in cells:
             cell = cell_key(arch, transfer, labels)
-            if cell not in result["lr_choice"]:
-                grid = preset.lr_grids[preset.optimizers[arch]]
-                scores = {lr: run(arch, transfer, labels, PLAIN, preset.seeds[0], lr)["val_acc"] for lr in grid}
-                best = max(grid, key=lambda lr: scores[lr])
-                result["lr_choice"][cell] = {"lr": best, "val_acc": {f"{lr:g}": acc for lr, acc in scores.items()},
+            grid = preset.lr_grids[preset.optimizers[arch]]
+            choice = result["lr_choice"].get(cell)
+            if choice is None or any(f"{lr:g}" not in choice["val_acc"] for lr in grid):
+                # a grid widened since the choice: its new points are run and the choice is made again over all
+                scores = {float(lr): acc for lr, acc in (choice or {}).get("val_acc", {}).items()}
+                scores.update({lr: run(arch, transfer, labels, PLAIN, preset.seeds[0], lr)["val_acc"] for lr in grid})
+                best = max(scores, key=lambda lr: scores[lr])
+                result["lr_choice"][cell] = {"lr": best, "val_acc": {f"{lr:g}": scores[lr] for lr in sorted(scores)},
                                              "seed": preset.seeds[0]}
+                if choice is not None:
+                    result["lr_choice"][cell]["previous_choice"] = choice["lr"]
                 save()
         for transfer, labels in cells:  # plain, seed 0, at learning rates outside the grid: is the choice at its edge?
             cell = cell_key(arch, transfer, labels)

@@ -16,11 +16,14 @@ __all__ = ["markdown_report", "plot", "summarize", "write_report"]
 METRICS = ("test_acc", "train_loss", "first_layer_drift")
 
 
-def _cells(result: dict[str, Any]) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """Runs at each cell's chosen learning rate: `{cell: {variant: {seed: run}}}` (other grid runs left out)."""
+def _cells(result: dict[str, Any], previous: bool = False) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """Runs at each cell's chosen learning rate (`previous`: at the choice made before the grid was widened, where
+    it differs): `{cell: {variant: {seed: run}}}` (other grid runs left out)."""
     table: dict[str, Any] = {}
     for run in result["runs"]:
-        if run["lr"] == result["lr_choice"].get(run["cell"], {}).get("lr"):
+        choice = result["lr_choice"].get(run["cell"], {})
+        lr = choice.get("previous_choice") if previous else choice.get("lr")
+        if lr is not None and run["lr"] == lr and not (previous and lr == choice["lr"]):
             table.setdefault(run["cell"], {}).setdefault(run["variant"], {})[run["seed"]] = run
     return table
 
@@ -29,11 +32,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+def summarize(result: dict[str, Any], previous: bool = False) -> list[dict[str, Any]]:
     """One row per (cell, variant): seeds, mean / std of every metric; TrAct rows also the paired difference of test
-    accuracy and training loss to plain on the seeds both ran (mean, and how many seeds TrAct was ahead)."""
+    accuracy and training loss to plain on the seeds both ran (mean, and how many seeds TrAct was ahead).
+
+    `previous`: the runs at the learning rate chosen before the grid was widened (cells whose choice changed)."""
     rows = []
-    for cell, variants in _cells(result).items():
+    for cell, variants in _cells(result, previous).items():
         plain = variants.get("plain", {})
         for variant, by_seed in variants.items():
             seeds = sorted(by_seed)
@@ -109,11 +114,36 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         "",
         "## Results (mean ± std over seeds; differences paired by seed)",
         "",
+    ]
+    lines += _results_table(summarize(result))
+    earlier = summarize(result, previous=True)
+    if earlier:
+        lines += ["", "### Runs at the learning rate chosen before the grid was widened", "",
+                  "The first pass chose the top of the grid in every cell; the grid was then widened by one point up and "
+                  "the choice made again. Where it changed, these are the runs at the earlier choice (same seeds).", ""]
+        lines += _results_table(earlier)
+    lines += ["", "## Learning-rate choice (plain, seed 0, validation accuracy)", "",
+              "Outside the grid: plain seed-0 runs made afterwards (`--extra-lrs`) to see whether the choice sits at the "
+              "grid's edge; they do not change the choice.", "",
+              "| cell | chosen | validation accuracy per lr | outside the grid |", "|---|---|---|---|"]
+    for cell, choice in result["lr_choice"].items():
+        extra = result.get("lr_check", {}).get(cell, {})
+        lines.append(f"| {_cell_label(cell)} | {choice['lr']:g}"
+                     + (f" (first pass: {choice['previous_choice']:g})" if "previous_choice" in choice else "") + " | "
+                     + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " | "
+                     + (", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in extra.items()) or "—") + " |")
+    if plot_paths:
+        lines += ["", "## Plot", ""] + [f"![{Path(p).stem}]({os.path.relpath(p, md_dir)})" for p in plot_paths]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _results_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
         "| arch | transfer | labels | variant | seeds | lr | test acc % | Δ test acc vs plain (pts) | TrAct ahead | "
         "train loss | Δ train loss | first-layer drift |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in summarize(result):
+    for row in rows:
         arch, transfer, _ = row["cell"].split("|")
         labels = f"{row['n_train']}" + (" (all)" if row["labels"] == 0 else "")
         lines.append(
@@ -123,18 +153,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
             f"{_pm(row['train_loss'], 1, '.4f')} | {_pm(row.get('train_loss_diff'), 1, '.4f', sign=True)} | "
             f"{_pm(row['first_layer_drift'], 1, '.3f')} |"
         )
-    lines += ["", "## Learning-rate choice (plain, seed 0, validation accuracy)", "",
-              "Outside the grid: plain seed-0 runs made afterwards (`--extra-lrs`) to see whether the choice sits at the "
-              "grid's edge; they do not change the choice.", "",
-              "| cell | chosen | validation accuracy per lr | outside the grid |", "|---|---|---|---|"]
-    for cell, choice in result["lr_choice"].items():
-        extra = result.get("lr_check", {}).get(cell, {})
-        lines.append(f"| {_cell_label(cell)} | {choice['lr']:g} | "
-                     + ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items()) + " | "
-                     + (", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in extra.items()) or "—") + " |")
-    if plot_paths:
-        lines += ["", "## Plot", ""] + [f"![{Path(p).stem}]({os.path.relpath(p, md_dir)})" for p in plot_paths]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> list[str]:
