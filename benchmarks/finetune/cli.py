@@ -59,8 +59,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.resume and out.is_file():
         previous = json.loads(out.read_text())
-        for key in ("pretraining", "lr_choice", "runs"):
-            result[key] = previous[key]
+        for key in ("pretraining", "lr_choice", "runs", "lr_check"):
+            if key in previous:
+                result[key] = previous[key]
         result["previous_environments"] = [*previous.get("previous_environments", []), previous["environment"]]
         result["note"] = args.note or previous.get("note", "")
     done = {r["key"]: r for r in result["runs"]}
