@@ -36,6 +36,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.reuse_runs:
         planned = [(name, variant.name, epochs, seed) for name, variant, epochs, seed in planned_runs(preset, tuple(args.phases))]
         reuse_runs(Path(args.reuse_runs), result, planned)
+    if args.lr_grid:
+        result["lr_grids"] = {name: args.lr_grid for name in {Setting.from_name(n).optimizer for n in preset.settings}}
     done = {r["key"]: r for r in result["runs"]}
     start = time.perf_counter()
     evals = {name: eval_sets(data, Setting.from_name(name).inputs, preset.n_train_eval) for name in preset.settings}
@@ -59,7 +61,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name in preset.settings:
         setting = Setting.from_name(name)
         if name not in result["lr_choice"]:
-            grid = LR_GRIDS[setting.optimizer]
+            grid = args.lr_grid or LR_GRIDS[setting.optimizer]
             scores = {lr: record(name, PLAIN, lr, preset.lr_budget, preset.seeds[0])["val_acc"] for lr in grid}
             best = max(grid, key=lambda lr: scores[lr])
             result["lr_choice"][name] = {
@@ -119,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only add the runs of another results file of the same mode to --output, then rewrite the report")
     parser.add_argument("--plots-dir", default=str(harness.PLOTS_DIR), help="folder for the PNG plots")
     parser.add_argument("--note", default="", help="free text stored in the results (e.g. machine load)")
+    parser.add_argument("--lr-grid", type=lambda s: [float(v) for v in s.split(",")], default=None,
+                        help="comma-separated learning rates to choose from instead of the optimizer's grid (settings "
+                        "without a choice yet), e.g. to see whether a choice at the grid's edge holds")
     parser.add_argument("--reuse-runs", metavar="JSON", default=None,
                         help="take the learning-rate choices and the planned runs that another results file of the same "
                         "protocol already made (e.g. plain / TrAct of cpu-full for --mode cpu-full-whitening) instead of training them")
