@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 STEPS = ("no_grad_forward", "find_first_layers_probe", "find_first_layers", "autograd_forward")
 
 

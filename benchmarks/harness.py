@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 PLOTS_DIR = REPO_ROOT / "benchmarks" / "plots"
@@ -101,6 +102,14 @@ def package_version(name: str) -> str:
         return f"unavailable ({short_error(exc)})"
 
 
+def _argv() -> list[str]:
+    """`sys.argv`, with a package's `__main__.py` path written back as `-m <package>` (what was typed)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.endswith(".__main__"):
+        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    return list(sys.argv)
+
+
 def environment(device: torch.device, **extra: Any) -> dict[str, Any]:
     """The metadata every result file carries: device, versions, command line, commit, start time.
 
@@ -122,7 +131,7 @@ def environment(device: torch.device, **extra: Any) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "torch_tract": package_version("torch-tract"),
         "python": platform.python_version(),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *_argv()]),
         "git_commit": git_commit(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -51,9 +51,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (puts the checkout's hf_tract first on sys.path)
-
+import overhead_report  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -66,10 +67,10 @@ from transformers import (  # noqa: E402
 )
 
 import hf_tract.functional as tf  # noqa: E402
+from hf_tract import apply_tract, remove_tract  # noqa: E402
 from hf_tract.functional import FLOAT32_REFINED  # noqa: E402
 from hf_tract.geometry import PatchGeometry  # noqa: E402
-import overhead_report  # noqa: E402
-from hf_tract import apply_tract, remove_tract  # noqa: E402
+
 
 REPO_ROOT = harness.REPO_ROOT
 

@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (puts the checkout's hf_tract first on sys.path)
 import numpy as np  # noqa: E402
@@ -44,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from hf_tract import functional as tf  # noqa: E402
 from hf_tract.functional import FLOAT32_REFINED  # noqa: E402
 from hf_tract.geometry import PatchGeometry  # noqa: E402
+
 
 LAMBDA = 0.1
 OUTPUTS = 64

@@ -1,7 +1,7 @@
-"""Tests of benchmarks/convergence.py (runner) and convergence_report.py (report).
+"""Tests of the convergence benchmark, `benchmarks/convergence/` (runner and report).
 
-The headline arithmetic on made-up results, the augmentation and optimizer plumbing, and a CI smoke run
-of `--quick`. No accuracy is checked: the smoke run only shows that every code path (learning-rate
+The headline arithmetic on made-up results, the augmentation, whitening and optimizer plumbing, and a CI smoke
+run of `--quick`. No accuracy is checked: the smoke run only shows that every code path (learning-rate
 search, interleaved timing, plain / TrAct / ablation / fidelity runs, resume, table, plots) executes and
 writes complete results.
 """
@@ -13,11 +13,15 @@ import sys
 import pytest
 import torch
 
-from .benchmark_scripts import REPO_ROOT, load_benchmark
+from hf_tract import TrActConfig, find_first_layer, tract_layers
+
+from .benchmark_scripts import REPO_ROOT
+from benchmarks.convergence import data, models, optimizers, planning, presets, report
+from benchmarks.convergence.training import FIRST_STEPS_LOGGED
+from benchmarks.convergence.whitening import whiten_first_layer
 
 
 def test_crossing_epochs():
-    report = load_benchmark("convergence_report")
     budgets = [1, 2, 4, 8]
     assert report.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.9) is None
     assert report.crossing_epochs(budgets, [0.5, 0.6, 0.7, 0.8], 0.4) == 1.0
@@ -47,7 +51,6 @@ def _fake_result(plain: dict[int, tuple[float, float]], tract: dict[int, tuple[f
 
 
 def test_headline_ratios():
-    report = load_benchmark("convergence_report")
     plain = {1: (0.5, 1.0), 2: (0.6, 0.8), 4: (0.7, 0.6), 8: (0.8, 0.4)}
     tract = {1: (0.6, 0.9), 2: (0.7, 0.6), 4: (0.8, 0.4), 8: (0.85, 0.3)}
     (row,) = report.headline(_fake_result(plain, tract))
@@ -80,7 +83,6 @@ def test_headline_ratios():
 
 def test_headline_pairs_seeds_of_an_ablation():
     """An ablation variant with fewer seeds is compared with the plain model on the same seeds only."""
-    report = load_benchmark("convergence_report")
     result = _fake_result({2: (0.6, 0.8), 4: (0.7, 0.6)}, {2: (0.7, 0.6), 4: (0.8, 0.4)}, seeds=3)
     result["runs"] += [{"setting": "vit-adam-std", "variant": "tract_0.1_sgd1", "lr": 1e-3, "epochs": 4, "seed": 0,
                         "test_acc": 0.69, "train_loss": 0.59, "test_loss": 0.8, "train_seconds": 6.0, "diverged": False}]
@@ -93,7 +95,6 @@ def test_headline_pairs_seeds_of_an_ablation():
 
 
 def test_fidelity_rows():
-    report = load_benchmark("convergence_report")
     result = _fake_result({4: (0.7, 0.6)}, {4: (0.8, 0.4)}, seeds=1)
     for run in result["runs"]:
         run["first_losses"] = [2.0, 1.5, 1.0]
@@ -109,13 +110,12 @@ def test_fidelity_rows():
 
 
 def test_augment_crops_and_flips_deterministically():
-    convergence = load_benchmark("convergence")
     images = torch.arange(2 * 28 * 28, dtype=torch.int64).reshape(2, 1, 28, 28).to(torch.uint8)
     images[:, :, 0, 0] = 255  # a marker the crop moves
-    a = convergence.augment(images, 2, True, torch.Generator().manual_seed(3))
-    b = convergence.augment(images, 2, True, torch.Generator().manual_seed(3))
+    a = data.augment(images, 2, True, torch.Generator().manual_seed(3))
+    b = data.augment(images, 2, True, torch.Generator().manual_seed(3))
     assert a.shape == images.shape and a.dtype == torch.uint8 and torch.equal(a, b)
-    assert torch.equal(convergence.augment(images, 0, False, torch.Generator()), images)
+    assert torch.equal(data.augment(images, 0, False, torch.Generator()), images)
     # every output is a shifted (and possibly mirrored) copy of its input, with zeros shifted in
     for out, img in zip(a, images):
         found = False
@@ -129,14 +129,59 @@ def test_augment_crops_and_flips_deterministically():
         assert found
 
 
+def test_variants_are_described_by_tract_configs():
+    assert presets.PLAIN.name == "plain" and presets.PLAIN.tract is None
+    variant = presets.Variant.with_tract(0.1, solve_dtype=torch.float64)
+    assert variant.tract == TrActConfig(lambda_=0.1, solve_dtype="float64") and variant.name == "tract_0.1_f64"
+    assert presets.Variant.with_tract(0.2, implementation="official").name == "official_0.2"
+    assert presets.Variant.with_tract(0.1, first_layer_init="whiten").name == "tract_0.1_whiten"
+    assert presets.Variant(first_layer_init="whiten_frozen").name == "plain_whiten_frozen"
+    assert variant.record()["tract_config"] == variant.tract.to_dict()
+    with pytest.raises(ValueError):
+        presets.Variant(first_layer_sgd_lr=0.1)  # the ablation is a TrAct variant
+    model = models.apply_variant(models.build_model("vit", presets.SMALL_VIT, 0), variant)
+    (config,) = {layer.tract_config for layer in tract_layers(model).values()}
+    assert config.lambda_ == 0.1 and config.solve_dtype == torch.float64
+
+
+def test_whitening_makes_the_first_layer_outputs_white():
+    images = torch.randn(64, 1, 12, 12) @ torch.randn(12, 12)  # correlated pixels
+    layer = torch.nn.Conv2d(1, 12, 3, bias=True)
+    whiten_first_layer(layer, images, eps=0.0)
+    out = layer(images).detach().permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = out[:, :9].T @ out[:, :9] / len(out)  # the n = 9 whitening filters: identity covariance (uncentred)
+    assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(layer.weight[9:], -layer.weight[:3]) and not layer.bias.any()  # negated leading filters fill the rest
+
+
+def test_frozen_whitening_trains_only_the_bias_of_the_first_layer():
+    preset = presets.PRESETS["quick"]
+    model = models.apply_variant(models.build_model("vit", preset.vit, 0), presets.Variant(first_layer_init="whiten_frozen"),
+                                 whitening_inputs=torch.randn(8, 1, 28, 28))
+    _, first = find_first_layer(model)
+    optimizer = optimizers.make_optimizer("adam", model, 1e-3, presets.PLAIN)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(first.weight) not in held and id(first.bias) in held
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = models.build_model("vit", presets.SMALL_VIT, 0)
+    optimizer = optimizers.make_optimizer("muon", model, 0.02, presets.PLAIN)
+    adamw, muon = optimizer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "classifier" not in names[id(p)] for p in model.parameters() if id(p) in in_muon)
+    assert id(model.vit.embeddings.patch_embeddings.projection.weight) not in in_muon
+    assert id(model.vit.layers[0].attention.q_proj.weight) in in_muon
+    assert len(in_muon) + sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+
+
 def test_first_layer_sgd_optimizers_split_the_parameters():
-    convergence = load_benchmark("convergence")
-    preset = convergence.PRESETS["quick"]
-    setting = convergence.Setting.from_name("vit-adam-std")
-    variant = convergence.Variant(0.1, first_layer_sgd_lr=0.05)
+    variant = presets.Variant.with_tract(0.1, first_layer_sgd_lr=0.05)
     assert variant.name == "tract_0.1_sgd1"
-    model = convergence.apply_variant(convergence.build_model(setting, preset, 0), variant)
-    adamw, sgd = convergence.make_optimizers(setting, model, 1e-3, variant)
+    model = models.apply_variant(models.build_model("vit", presets.PRESETS["quick"].vit, 0), variant)
+    adamw, sgd = optimizers.make_optimizer("adam", model, 1e-3, variant).optimizers  # hf_tract.optim.CombinedOptimizer
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(sgd, torch.optim.SGD)
     first = model.vit.embeddings.patch_embeddings.projection
     sgd_params = {id(p) for group in sgd.param_groups for p in group["params"]}
@@ -147,24 +192,23 @@ def test_first_layer_sgd_optimizers_split_the_parameters():
 
 @pytest.mark.slow
 def test_quick_mode_smoke(tmp_path):
-    convergence = load_benchmark("convergence")
     try:
-        data_dir = convergence.find_data_dir(None)
+        data_dir = data.find_data_dir(None)
     except FileNotFoundError as err:
         pytest.skip(f"Fashion-MNIST not available: {err}")
     output = tmp_path / "convergence_quick.json"
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "convergence.py"), "--quick", "--data-dir", str(data_dir),
-               "--output", str(output), "--plots-dir", str(tmp_path)]
-    subprocess.run(command, check=True, cwd=REPO_ROOT, timeout=300)
+    arguments = ["--quick", "--data-dir", str(data_dir), "--output", str(output), "--plots-dir", str(tmp_path)]
+    # the folder run as a script here, `python -m` for the resume below: both entry points
+    subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "convergence"), *arguments], check=True, cwd=REPO_ROOT, timeout=300)
 
     result = json.loads(output.read_text())
-    preset = convergence.PRESETS["quick"]
+    preset = presets.PRESETS["quick"]
     for key in ("device", "torch", "transformers", "git_commit", "command", "finished"):
         assert result["environment"][key]
     assert result["data"]["augmentation"].startswith("random crop")
     assert set(result["lr_choice"]) == set(preset.settings) == set(result["step_times"])
     assert "tract_0.1_sgd1" in result["step_times"]["vit-adam-std"]["ratio"]
-    expected = {(s, v.name, e, seed) for s, v, e, seed in convergence.planned_runs(preset)}
+    expected = {(s, v.name, e, seed) for s, v, e, seed in planning.planned_runs(preset)}
     assert ("vit-adam-std", "official_0.1", 1, 0) in expected and ("vit-adam-std", "tract_0.1", 3, 1) in expected
     chosen = {s: result["lr_choice"][s]["lr"] for s in preset.settings}
     runs = [(r["setting"], r["variant"], r["epochs"], r["seed"]) for r in result["runs"] if r["lr"] == chosen[r["setting"]]]
@@ -172,9 +216,8 @@ def test_quick_mode_smoke(tmp_path):
     for run in result["runs"]:
         for key in ("train_loss", "test_acc", "test_loss", "val_acc"):
             assert 0 <= run[key] < float("inf"), (key, run)
-        assert len(run["first_losses"]) == min(convergence.FIRST_STEPS_LOGGED, run["steps"])
+        assert len(run["first_losses"]) == min(FIRST_STEPS_LOGGED, run["steps"])
 
-    report = load_benchmark("convergence_report")
     rows = {(row["setting"], row["variant"]): row for row in report.headline(result)}
     assert set(rows) == {("vit-adam-std", "tract_0.1"), ("vit-adam-std", "tract_0.05"), ("vit-adam-std", "tract_0.1_sgd1"),
                          ("resnet-sgd-contrast", "tract_0.1")}
@@ -194,7 +237,26 @@ def test_quick_mode_smoke(tmp_path):
         assert (tmp_path / f"convergence_quick_{name}.png").stat().st_size > 0
 
     # --resume finds every run done and trains nothing new
-    subprocess.run([*command, "--resume"], check=True, cwd=REPO_ROOT, timeout=300)
+    subprocess.run([sys.executable, "-m", "benchmarks.convergence", *arguments, "--resume"], check=True, cwd=REPO_ROOT, timeout=300)
     resumed = json.loads(output.read_text())
     assert resumed["runs"] == result["runs"]
     assert resumed["previous_environments"][0]["started"] == result["environment"]["started"]
+
+
+@pytest.mark.parametrize("setting, variant", [
+    ("vit-muon-std", presets.Variant.with_tract(0.1)),
+    ("vit-adam-std", presets.Variant.with_tract(0.1, first_layer_init="whiten")),
+    ("vit-adam-std", presets.Variant(first_layer_init="whiten_frozen")),
+])
+def test_item2_runs_train(setting, variant):
+    """Muon (+ TrAct) and the whitened first layer (+ TrAct, or frozen) run end to end on random images."""
+    from benchmarks.convergence.training import train_run
+
+    preset = presets.PRESETS["quick"]
+    gen = torch.Generator().manual_seed(0)
+    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = lambda n: torch.randint(0, 10, (n,), generator=gen)
+    fake = data.Data(images(128), labels(128), images(32), labels(32), images(32), labels(32), 0.3, 0.35)
+    rec = train_run(presets.Setting.from_name(setting), preset, fake, data.eval_sets(fake, "std", 32), 0.01, variant, 1,
+                    0, torch.device("cpu"))
+    assert rec["steps"] == 2 and not rec["diverged"] and 0 <= rec["test_acc"] <= 1

@@ -1,7 +1,7 @@
 """Convergence benchmark (report): summaries, headline, markdown and plots of a results JSON.
 
-Reads what `convergence.py` wrote; imports neither torch nor hf_tract, so a results file can be
-re-rendered anywhere (`python benchmarks/convergence.py --report <json>`, or `write_report` here).
+Reads what the runner (`cli.py`) wrote; imports neither torch nor hf_tract, so a results file can be
+re-rendered anywhere (`python -m benchmarks.convergence --report <json>`, or `write_report` here).
 
 Headline, per setting and TrAct variant, on the seeds both the plain model and the variant ran:
 
@@ -21,6 +21,7 @@ import os
 import statistics
 from pathlib import Path
 from typing import Any
+
 
 METRICS = ("test_acc", "test_loss", "train_loss")
 METRIC_LABELS = {"test_acc": "test accuracy [%]", "test_loss": "test loss", "train_loss": "training loss (fixed slice, eval mode)"}
@@ -259,11 +260,14 @@ def _pct(mean: float | None, std: float | None = None) -> str:
 
 
 def _label(variant: str) -> str:
-    """`tract_0.1` -> `TrAct λ=0.1`, `tract_0.1_sgd1` -> `TrAct λ=0.1, 1st layer SGD`, ..."""
-    if variant == "plain":
-        return "plain"
-    kind, lam, *rest = variant.split("_")
-    label = ("official torch-tract" if kind == "official" else "TrAct") + f" λ={lam}"
+    """`tract_0.1` -> `TrAct λ=0.1`, `tract_0.1_sgd1` -> `TrAct λ=0.1, 1st layer SGD`, `plain_whiten` -> ..."""
+    kind, *rest = variant.split("_")
+    if kind == "plain":
+        label = "plain"
+    else:
+        label = ("official torch-tract" if kind == "official" else "TrAct") + f" λ={rest.pop(0)}"
+    if "whiten" in rest:
+        label += ", whitened 1st layer" + (" (frozen)" if "frozen" in rest else "")
     if "sgd1" in rest:
         label += ", 1st layer SGD"
     if "f64" in rest:
@@ -525,7 +529,7 @@ def write_report(result_path: Path, plots_dir: Path) -> list[str]:
     """(Re)writes the markdown report (beside the JSON) and the plots (in `plots_dir`) of a results file.
 
     Args:
-        result_path (`Path`): the results JSON written by `convergence.py`.
+        result_path (`Path`): the results JSON written by the runner (`cli.py`).
         plots_dir (`Path`): folder of the PNG plots.
 
     Returns:
