@@ -3,28 +3,17 @@
 The builders live in `tests/multiproc/tiny.py` because the multi-process scripts under `tests/multiproc` run
 outside pytest and import them too; they are re-exported here so that a test file can take them from one
 place: `from tests.conftest import tiny_vit, ...` (the scripts import `tests.multiproc.tiny` directly).
+
+Nothing heavy is imported at the top of this file: pytest-xdist's controller process loads it too, before it
+starts the workers, and torch / transformers there would only delay them. The builders load on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
-import torch
-
-from hf_tract.environment import LAUNCHER_VARIABLES
-
-from tests.multiproc.tiny import (
-    FIRST_LAYER,
-    TinyImages,
-    conv_stem,
-    first_weight,
-    make_args,
-    tiny_resnet,
-    tiny_rgb_vit,
-    tiny_vit,
-    trainer_kwargs,
-)
 
 
 __all__ = [
@@ -47,10 +36,18 @@ SUBPROCESS_TEST_FILES = {"test_distributed.py", "test_examples.py", "test_interr
                          "test_benchmark_overhead.py", "test_benchmark_finetune.py"}
 
 
+def __getattr__(name):
+    if name in __all__:
+        return getattr(importlib.import_module("tests.multiproc.tiny"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def pytest_configure(config):
     # Under pytest-xdist every worker is a process of its own: one torch thread each, so that two workers do not
     # oversubscribe two cores (the tiny models of the suite are launch-bound; more threads buy them nothing).
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
         torch.set_num_threads(1)
 
 
@@ -78,6 +75,8 @@ def _release_freed_memory():
 @pytest.fixture
 def single_process_env(monkeypatch):
     """No launcher variables: the test sees a single-process run whatever started pytest (returns `monkeypatch`)."""
+    from hf_tract.environment import LAUNCHER_VARIABLES
+
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch

@@ -34,6 +34,7 @@ def test_target_split_relabels_and_holds_out_validation():
     assert torch.equal(everything.val_x, data.val_x)  # the same held-out images for every label budget
 
 
+@pytest.mark.slow  # pretrains, saves and reloads a model
 def test_checkpoint_loads_with_a_new_seeded_head(tmp_path):
     preset = PRESETS["smoke"]
     fashion, _ = _data_dirs()

@@ -30,7 +30,10 @@ def _json(capsys, model, *argv):
 @pytest.mark.parametrize(
     "model_type, model_class, target",
     [
-        ("videomae", "VideoMAEForVideoClassification", "videomae.embeddings.patch_embeddings.projection"),
+        pytest.param(
+            "videomae", "VideoMAEForVideoClassification", "videomae.embeddings.patch_embeddings.projection",
+            marks=pytest.mark.slow,
+        ),
         pytest.param("vjepa2", "VJEPA2ForVideoClassification", "vjepa2.encoder.embeddings.patch_embeddings.proj", marks=pytest.mark.slow),
         # Text towers index with token ids (.item()): no meta forward, the CPU fallback runs a full-size model.
         pytest.param("xclip", "XCLIPModel", "vision_model.embeddings.patch_embedding", marks=pytest.mark.slow),
@@ -46,6 +49,7 @@ def test_inspect_reports_a_target_of_the_class_it_names_without_a_failed_forward
     assert "note:" not in err
 
 
+@pytest.mark.slow  # a full-size VideoMAE on the meta device, then its example forward
 def test_inspect_video_patch_rows_come_from_the_real_input(capsys):
     report, _ = _json(capsys, "videomae")
     # 16 frames, tubelet 2, 224 / 16 = 14: 8 * 14 * 14 patch rows per video.

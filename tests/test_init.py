@@ -58,6 +58,7 @@ def test_every_module_says_what_it_exports(name):
     assert not missing, f"{name}.__all__ names {missing}, which it does not define"
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_public_api_and_lazy_trainer_glue():
     """Importing hf_tract does not import transformers' Trainer (checked in a fresh interpreter); the README's
     names import from the top level, the verifier from its module and from `hf_tract.hub`."""
