@@ -1,7 +1,8 @@
-"""Run a command and report its wall time and the peak resident memory of its whole process tree.
+"""Run a command and report its wall time and the peak memory of its whole process tree.
 
 `/usr/bin/time -v` reports the largest single process; with pytest-xdist (and the suite's multi-process tests)
-the memory in use at once is the sum over the tree, which this samples from /proc every 0.2 s (Linux only).
+the memory in use at once is the sum over the tree, which this samples from /proc every 0.2 s (Linux only) as
+the sum of the processes' proportional set sizes (PSS), and the processes that held it at the peak.
 
 Usage: python .ci/measure.py COMMAND [ARGS...]   (exit status: the command's)
 """
@@ -27,37 +28,49 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _rss_kib(pid: int) -> int:
+def _pss_kib(pid: int) -> int:
+    # Proportional set size: a page shared by k processes (torch's libraries, ...) counts 1/k in each, so the sum
+    # over the tree is the memory it holds at once (RSS would count the shared libraries once per process).
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def tree_rss_kib(root: int) -> int:
-    """Resident memory (KiB) of `root` and all its descendants, now."""
-    children, total, stack = _children(), 0, [root]
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100]
+    except OSError:
+        return "?"
+
+
+def tree_pss_kib(root: int) -> tuple[int, list[tuple[int, str]]]:
+    """Memory (KiB) held by `root` and all its descendants now, and each process's share."""
+    children, parts, stack = _children(), [], [root]
     while stack:
         pid = stack.pop()
-        total += _rss_kib(pid)
+        parts.append((_pss_kib(pid), _name(pid)))
         stack.extend(children.get(pid, []))
-    return total
+    return sum(kib for kib, _ in parts), parts
 
 
 def main(command: list[str]) -> int:
     start = time.monotonic()
     process = subprocess.Popen(command)
-    peak = 0
+    peak, peak_parts = 0, []
     done = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_parts
         while not done.is_set():
-            peak = max(peak, tree_rss_kib(process.pid))
+            total, parts = tree_pss_kib(process.pid)
+            if total > peak:
+                peak, peak_parts = total, parts
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -67,10 +80,12 @@ def main(command: list[str]) -> int:
     sampler.join()
     wall = time.monotonic() - start
     print(
-        f"measure: wall {int(wall // 60)} min {wall % 60:.1f} s, peak resident memory of the process tree "
-        f"{peak / 2**20:.2f} GiB ({os.cpu_count()} CPUs)",
+        f"measure: wall {int(wall // 60)} min {wall % 60:.1f} s, peak memory of the process tree (sum of PSS) "
+        f"{peak / 2**20:.2f} GiB ({os.cpu_count()} CPUs); at the peak:",
         file=sys.stderr,
     )
+    for kib, name in sorted(peak_parts, reverse=True)[:8]:
+        print(f"measure:   {kib / 2**20:5.2f} GiB  {name}", file=sys.stderr)
     return status
 
 

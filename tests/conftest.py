@@ -30,8 +30,8 @@ __all__ = [
 
 
 # Tests that start processes of their own (torchrun, the examples, the benchmarks' smoke runs): each process
-# imports torch and transformers (~1 GB), so they form one xdist group (`--dist loadgroup`, in pyproject.toml)
-# and run one at a time, on one worker, while the other worker runs in-process tests.
+# imports torch and transformers (~0.5 GB), so under pytest-xdist they take turns (a lock shared by the workers)
+# while the other worker goes on with in-process tests.
 SUBPROCESS_TEST_FILES = {"test_distributed.py", "test_examples.py", "test_interrupted.py", "test_benchmark_convergence.py",
                          "test_benchmark_overhead.py", "test_benchmark_finetune.py"}
 
@@ -51,10 +51,21 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("multiproc") or item.path.name in SUBPROCESS_TEST_FILES:
-            item.add_marker(pytest.mark.xdist_group("subprocesses"))
+@pytest.fixture(autouse=True)
+def _one_subprocess_test_at_a_time(request, tmp_path_factory):
+    node = request.node
+    if not (node.get_closest_marker("multiproc") or node.path.name in SUBPROCESS_TEST_FILES):
+        yield
+        return
+    import fcntl
+
+    # The workers' temporary folders share a parent (`.../pytest-N/popen-gw0`, `popen-gw1`): the lock lives there.
+    with open(tmp_path_factory.getbasetemp().parent / "subprocess-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True, scope="module")
