@@ -166,6 +166,16 @@ def _autocast_lowers_precision(x: torch.Tensor) -> bool:
     )
 
 
+def _backward_inputs(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, state):
+    """What a TrAct backward needs, captured in the forward: the batch's Gram state, the layer's config, and the
+    list the statistics go to on logging steps (`None` otherwise)."""
+    config = layer.tract_config
+    if state is None:
+        state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
+    stats = layer.tract_stats if layer.tract_record_stats else None
+    return state, config, stats
+
+
 def tract_weight(
     layer: nn.Module, weight: torch.Tensor, x: torch.Tensor, geometry: PatchGeometry, *, state=None
 ) -> torch.Tensor:
@@ -186,11 +196,7 @@ def tract_weight(
     Returns:
         `torch.Tensor`: `weight` in the forward pass; its gradient is the TrAct one.
     """
-    config = layer.tract_config
-    if state is None:
-        state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
-    stats = layer.tract_stats if layer.tract_record_stats else None
-    return _TrActWeight.apply(weight, state, config, stats)
+    return _TrActWeight.apply(weight, *_backward_inputs(layer, weight, x, geometry, state))
 
 
 def tract_op(
@@ -225,10 +231,7 @@ def tract_op(
     """
     if not _autocast_lowers_precision(x):
         return op(tract_weight(layer, weight, x, geometry, state=state))
-    config = layer.tract_config
-    if state is None:
-        state = _GramState(x, geometry, weight[0].numel(), config.sync_group())
-    stats = layer.tract_stats if layer.tract_record_stats else None
+    state, config, stats = _backward_inputs(layer, weight, x, geometry, state)
     output = op(weight.detach())
     return _TrActFullPrecisionWeight.apply(output, weight, x.detach(), state, config, stats, geometry)
 
