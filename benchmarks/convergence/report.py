@@ -279,6 +279,16 @@ def _ratio_cell(measured: float | None, interp: float | None) -> str:
     return f"{_fmt(measured, '.2f', '×')} ({_fmt(interp, '.2f', '×')})"
 
 
+
+def _added_budgets(result: dict[str, Any]) -> dict[str, list[int]]:
+    """Per setting, the budgets its runs have beyond the preset's main ones (late budgets, runs added with `--resume`)."""
+    main = set(result["preset"]["budgets"])
+    added: dict[str, set[int]] = {}
+    for run in result["runs"]:
+        if run["epochs"] not in main and not run.get("reused_from"):
+            added.setdefault(run["setting"], set()).add(run["epochs"])
+    return {name: sorted(budgets) for name, budgets in added.items()}
+
 def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path) -> str:
     """The markdown report (headline, every budget, fidelity, learning rates, timing) of a results file."""
     env = result["environment"]
@@ -294,7 +304,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         f"- Data: Fashion-MNIST, {result['data']['subset']}",
         f"- Augmentation (training batches): {result['data'].get('augmentation', 'none')}",
         f"- Budgets (epochs, each a full cosine run): {preset['budgets']}"
-        + "".join(f" (+ {b} for {s})" for s, b in preset.get("late_budgets", {}).items())
+        + "".join(f" (+ {b} for {s})" for s, b in _added_budgets(result).items())
         + f"; seeds {preset['seeds']}; λ {preset['lambdas']}"
         + "".join(f" ({s}: λ {lams})" for s, lams in preset.get("setting_lambdas", {}).items())
         + f"; batch size {preset['batch_size']}",
