@@ -55,15 +55,17 @@ def _describe_optimizer(args: Any) -> str:
         return "same as the other parameters"
     optim = getattr(args, "optim", None)
     optim = getattr(optim, "value", optim)
+    muon = getattr(args, "muon_learning_rate", None)
+    muon = f"; the hidden Linear weights: `torch.optim.Muon` (lr {muon})" if muon is not None else ""
     if args.tract_optimizer == "sgd":
-        return f"SGD (lr {args.tract_learning_rate}, momentum {args.tract_momentum}); the rest: `{optim}`"
+        return f"SGD (lr {args.tract_learning_rate}, momentum {args.tract_momentum}); the rest: `{optim}`{muon}"
     settings = []
     if args.tract_learning_rate is not None:
         settings.append(f"lr {args.tract_learning_rate}")
     if args.tract_weight_decay is not None:
         settings.append(f"weight decay {args.tract_weight_decay}")
     base = f"same as the other parameters (`{optim}`)" if optim is not None else "same as the other parameters"
-    return f"{base}, own group: {', '.join(settings)}" if settings else base
+    return (f"{base}, own group: {', '.join(settings)}" if settings else base) + muon
 
 
 def tract_card_settings(

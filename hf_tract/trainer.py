@@ -33,7 +33,7 @@ from transformers.trainer_utils import number_of_arguments
 from .compat import resume_with_converted_legacy_keys
 from .config import TrActConfig
 from .environment import check_distributed_setup
-from .optim import CombinedOptimizer, split_tract_param_groups
+from .optim import CombinedOptimizer, split_muon_optimizer, split_tract_param_groups
 from .patching import apply_tract, prepare_model_for_training, tract_config_of
 from .stats import TrActStatsCallback, collect_tract_stats
 from .training_args import TrActTrainingArguments
@@ -86,6 +86,14 @@ class TrActTrainer(Trainer):
             # (compiled, DDP) can only be rejected clearly here.
             self._prepare_model(model, args)
         super().__init__(model=model, args=args, **kwargs)
+        if args.muon_learning_rate is not None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                # The launcher can turn these on without `args.fsdp` / `args.deepspeed` (accelerate config).
+                raise ValueError(
+                    "`muon_learning_rate` works in single-process and DDP runs, not with FSDP or DeepSpeed: leave it unset."
+                )
+            if self.optimizer is not None:
+                logger.warning("An optimizer was passed with `optimizers=`: `muon_learning_rate` is ignored.")
         if args.tract_log_stats:
             self.add_callback(TrActStatsCallback(self))
 
@@ -112,33 +120,40 @@ class TrActTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """
         Build the optimizer as Trainer does, with the TrAct layer's parameters in their own groups when
-        `tract_learning_rate` / `tract_weight_decay` are set, or in a separate SGD optimizer combined with the
-        main one when `tract_optimizer="sgd"`.
+        `tract_learning_rate` / `tract_weight_decay` are set, or in a separate SGD optimizer when
+        `tract_optimizer="sgd"`, and the hidden Linear weights in a `torch.optim.Muon` when `muon_learning_rate`
+        is set; several optimizers are stepped as one [`~hf_tract.optim.CombinedOptimizer`].
         """
         if self.optimizer is not None:
             return super().create_optimizer(model)
         args = self.args
         optimizer = super().create_optimizer(model)
-        if not args.use_tract:
-            return optimizer
-        custom_groups = args.tract_learning_rate is not None or args.tract_weight_decay is not None
-        if args.tract_optimizer == "same" and not custom_groups:
-            return optimizer
         opt_model = self.model if model is None else model
-        tract_groups = split_tract_param_groups(
-            optimizer, opt_model, learning_rate=args.tract_learning_rate, weight_decay=args.tract_weight_decay
-        )
-        if args.tract_optimizer == "same":
-            for group in tract_groups:
-                optimizer.add_param_group(group)
-        else:
-            for group in tract_groups:
-                # Only the options SGD knows survive; betas / eps of Adam-type groups would make SGD raise.
-                for key in list(group):
-                    if key not in ("params", "lr", "weight_decay", "name"):
-                        del group[key]
-            sgd = torch.optim.SGD(tract_groups, lr=args.tract_learning_rate, momentum=args.tract_momentum)
-            optimizer = CombinedOptimizer([optimizer, sgd])
+        extra = []
+        if args.muon_learning_rate is not None:
+            muon = split_muon_optimizer(optimizer, opt_model, args.muon_learning_rate)
+            extra.append(muon)
+            logger.info(
+                "Muon (lr %g) trains %d hidden Linear weights; the other parameters use `%s`.",
+                args.muon_learning_rate, sum(len(g["params"]) for g in muon.param_groups), getattr(args.optim, "value", args.optim),
+            )
+        custom_groups = args.tract_learning_rate is not None or args.tract_weight_decay is not None
+        if args.use_tract and (args.tract_optimizer != "same" or custom_groups):
+            tract_groups = split_tract_param_groups(
+                optimizer, opt_model, learning_rate=args.tract_learning_rate, weight_decay=args.tract_weight_decay
+            )
+            if args.tract_optimizer == "same":
+                for group in tract_groups:
+                    optimizer.add_param_group(group)
+            else:
+                for group in tract_groups:
+                    # Only the options SGD knows survive; betas / eps of Adam-type groups would make SGD raise.
+                    for key in list(group):
+                        if key not in ("params", "lr", "weight_decay", "name"):
+                            del group[key]
+                extra.insert(0, torch.optim.SGD(tract_groups, lr=args.tract_learning_rate, momentum=args.tract_momentum))
+        if extra:
+            optimizer = CombinedOptimizer([optimizer, *extra])
         self.optimizer = optimizer
         return optimizer
 

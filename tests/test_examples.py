@@ -81,6 +81,7 @@ def test_train_image_classification_tiny(tmp_path):
             "--per_device_train_batch_size", "16",
             "--per_device_eval_batch_size", "32",
             "--tract_lambda", "0.05",
+            "--muon_learning_rate", "0.01",
         ],
         tmp_path,
     )
@@ -102,6 +103,7 @@ def test_train_image_classification_tiny(tmp_path):
     assert "0.05" in card  # lambda recorded in the TrAct section
     assert "vit.embeddings.patch_embeddings.projection" in card
     assert "trained from scratch" in card
+    assert "the hidden Linear weights: `torch.optim.Muon` (lr 0.01)" in card
 
 
 @pytest.mark.slow

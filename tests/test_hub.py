@@ -68,6 +68,10 @@ def test_settings_from_args_and_overrides(tmp_path):
     card = create_or_update_model_card(tmp_path, model=tiny_vit(), args=args)  # model not patched: from args
     assert "| 0.2 |" in card.text and "`a.b`, `c.d`" in card.text and "SGD (lr 0.5" in card.text
     assert "(`tract_solve_dtype`) | auto |" in card.text
+    args = TrActTrainingArguments(output_dir=str(tmp_path), use_cpu=True, muon_learning_rate=0.02)
+    card = create_or_update_model_card(tmp_path, model=tiny_vit(), args=args)
+    assert "same as the other parameters (`adamw_torch" in card.text
+    assert "; the hidden Linear weights: `torch.optim.Muon` (lr 0.02) |" in card.text
     card = create_or_update_model_card(tmp_path, lambda_=0.3, layers=["x"], sync_gram=True)
     assert "| 0.3 |" in card.text and "`x`" in card.text and "| yes |" in card.text
     with pytest.raises(ValueError, match="No TrAct settings"):

@@ -186,11 +186,12 @@ def test_callback_added_late_fails_clearly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tract_optimizer", ["same", "sgd"])
+@pytest.mark.parametrize("tract_optimizer", ["same", "sgd", "same+muon"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, tract_optimizer):
     options = dict(
-        max_steps=6, save_strategy="steps", save_steps=3, tract_optimizer=tract_optimizer,
+        max_steps=6, save_strategy="steps", save_steps=3, tract_optimizer=tract_optimizer.removesuffix("+muon"),
         tract_learning_rate=0.05 if tract_optimizer == "sgd" else None,
+        muon_learning_rate=0.02 if tract_optimizer.endswith("+muon") else None,
     )  # fmt: skip
     full = tiny_vit()
     TrActTrainer(model=full, args=make_args(tmp_path / "a", **options), train_dataset=TinyImages(32)).train()

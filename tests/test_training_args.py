@@ -63,6 +63,8 @@ def test_arguments_json_round_trip_keeps_what_was_given(tmp_path):
         ({"tract_learning_rate": 0.0}, ValueError, "tract_learning_rate"),
         ({"tract_weight_decay": -0.1}, ValueError, "tract_weight_decay"),
         ({"tract_momentum": 1.0}, ValueError, "tract_momentum"),
+        ({"muon_learning_rate": 0.0}, ValueError, "muon_learning_rate"),
+        ({"muon_learning_rate": 0.01, "fsdp": True}, ValueError, "not with FSDP|with FSDP or DeepSpeed"),
     ],
 )
 def test_arguments_validation(tmp_path, overrides, error, match):

@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from hf_tract import find_first_layer
-from hf_tract.optim import CombinedOptimizer, split_tract_param_groups
+from hf_tract.optim import CombinedOptimizer, split_muon_optimizer, split_tract_param_groups
 
 from .presets import Variant
 
@@ -19,25 +18,17 @@ MUON_ADAMW_LR = 1e-3  # AdamW part of a Muon run: the plain AdamW learning rate 
 
 
 def _muon(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Muon for the hidden 2-D weights; AdamW for the first layer, the head, biases, norms and embeddings."""
-    first_name, _ = find_first_layer(model)
-    hidden, rest = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_hidden = param.ndim == 2 and not name.startswith((first_name + ".", "classifier"))
-        (hidden if is_hidden else rest).append(param)
-    return CombinedOptimizer([
-        torch.optim.AdamW(rest, lr=MUON_ADAMW_LR, weight_decay=0.05),
-        torch.optim.Muon(hidden, lr=lr, weight_decay=0.05),
-    ])
+    """Muon for the hidden Linear weights; AdamW for the first layer, the head, biases, norms and embeddings: the
+    split of `hf_tract.optim.split_muon_optimizer` (what `TrActTrainingArguments(muon_learning_rate=...)` uses)."""
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=MUON_ADAMW_LR, weight_decay=0.05)
+    return CombinedOptimizer([adamw, split_muon_optimizer(adamw, model, lr)])
 
 
 def make_optimizer(optimizer: str, model: torch.nn.Module, lr: float, variant: Variant) -> torch.optim.Optimizer:
     """The run's optimizer over the trainable parameters.
 
     `"adam"`: AdamW (weight decay 0.05); `"sgd"`: SGD (Nesterov momentum 0.9, weight decay 5e-4); `"muon"`:
-    `torch.optim.Muon` (weight decay 0.05) at `lr` for the hidden 2-D weights and AdamW at `MUON_ADAMW_LR` for the
+    `torch.optim.Muon` (weight decay 0.05) at `lr` for the hidden Linear weights and AdamW at `MUON_ADAMW_LR` for the
     rest (the first layer included, as Muon's authors advise). With `variant.first_layer_sgd_lr` the TrAct layer's
     parameters are taken out with `hf_tract.optim.split_tract_param_groups` and trained by `torch.optim.SGD`
     (momentum 0.9, weight decay 5e-4), combined with the rest by `hf_tract.optim.CombinedOptimizer`: the same

@@ -280,14 +280,16 @@ def _ratio_cell(measured: float | None, interp: float | None) -> str:
 
 
 
-def _added_budgets(result: dict[str, Any]) -> dict[str, list[int]]:
-    """Per setting, the budgets its runs have beyond the preset's main ones (late budgets, runs added with `--resume`)."""
-    main = set(result["preset"]["budgets"])
-    added: dict[str, set[int]] = {}
+def _budgets_text(result: dict[str, Any]) -> str:
+    """The budgets the runs have (the preset's, late ones, and any added with `--resume`), per setting where they differ."""
+    by_setting: dict[str, set[int]] = {}
     for run in result["runs"]:
-        if run["epochs"] not in main and not run.get("reused_from"):
-            added.setdefault(run["setting"], set()).add(run["epochs"])
-    return {name: sorted(budgets) for name, budgets in added.items()}
+        by_setting.setdefault(run["setting"], set()).add(run["epochs"])
+    distinct = {tuple(sorted(budgets)) for budgets in by_setting.values()}
+    if len(distinct) <= 1:
+        return str(sorted(next(iter(by_setting.values()), result["preset"]["budgets"])))
+    return "; ".join(f"{name}: {sorted(budgets)}" for name, budgets in by_setting.items())
+
 
 def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path) -> str:
     """The markdown report (headline, every budget, fidelity, learning rates, timing) of a results file."""
@@ -303,8 +305,7 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         f"finished {env.get('finished', 'not finished')}; training time total {result.get('elapsed_seconds', 0) / 60:.1f} min",
         f"- Data: Fashion-MNIST, {result['data']['subset']}",
         f"- Augmentation (training batches): {result['data'].get('augmentation', 'none')}",
-        f"- Budgets (epochs, each a full cosine run): {preset['budgets']}"
-        + "".join(f" (+ {b} for {s})" for s, b in _added_budgets(result).items())
+        f"- Budgets (epochs, each a full cosine run): {_budgets_text(result)}"
         + f"; seeds {preset['seeds']}; λ {preset['lambdas']}"
         + "".join(f" ({s}: λ {lams})" for s, lams in preset.get("setting_lambdas", {}).items())
         + f"; batch size {preset['batch_size']}",
