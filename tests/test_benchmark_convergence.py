@@ -94,6 +94,34 @@ def test_headline_pairs_seeds_of_an_ablation():
     assert rows["tract_0.1"]["seeds"] == [0, 1, 2]
 
 
+_REPORT_FIELDS = {
+    "environment": {"command": "cmd", "git_commit": "abc", "device": "cpu", "torch": "2", "transformers": "5",
+                    "torch_threads": 1, "cpu_count": 2, "started": "now"},
+    "data": {"subset": "a subset"},
+    "lr_grids": {"adam": [1e-3, 3e-3]},
+}
+
+
+def test_an_initialisation_with_its_own_learning_rate():
+    """`Preset.own_lr_inits`: the whitened runs at their own choice count, those at the setting's are left out."""
+    result = _fake_result({2: (0.6, 0.8)}, {2: (0.7, 0.6)}, seeds=1)
+    whitened = [dict(run, variant="plain_whiten", first_layer_init="whiten", lr=lr, test_acc=acc)
+                for run in result["runs"] if run["variant"] == "plain" for lr, acc in ((1e-3, 0.5), (3e-3, 0.65))]
+    result["runs"] += whitened
+    result["lr_choice"]["vit-adam-std|whiten"] = {"lr": 3e-3, "val_acc": {"0.001": 0.5, "0.003": 0.6}}
+    assert report.chosen_lr(result, "vit-adam-std", "whiten") == 3e-3
+    assert report.chosen_lr(result, "vit-adam-std", "whiten_frozen") == report.chosen_lr(result, "vit-adam-std") == 1e-3
+    table = report.runs_by_budget(result)["vit-adam-std"]
+    assert table["plain_whiten"][2][0]["test_acc"] == 0.65 and table["plain"][2][0]["lr"] == 1e-3
+    result["preset"].update(lambdas=[0.1], batch_size=128, vit={}, resnet={}, lr_budget=2, own_lr_inits=["whiten"])
+    result["lr_choice"]["vit-adam-std"]["val_acc"] = {"0.001": 0.55}
+    result["step_times"]["vit-adam-std"]["seconds_per_step"] = {"plain": 0.01}
+    markdown = report.markdown_report(dict(result, mode="cpu-full-whitening-own-lr", **_REPORT_FIELDS), [], REPO_ROOT)
+    assert "### vit-adam-std (lr 0.001; whiten 0.003)" in markdown
+    assert "- vit-adam-std, first layer whiten init: 0.001: 50.00, 0.003: 60.00 → 0.003" in markdown
+    assert presets.PRESETS["cpu-full-whitening-own-lr"].own_lr_inits == ["whiten", "whiten_frozen"]
+
+
 def test_fidelity_rows():
     result = _fake_result({4: (0.7, 0.6)}, {4: (0.8, 0.4)}, seeds=1)
     for run in result["runs"]:

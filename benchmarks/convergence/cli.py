@@ -14,7 +14,7 @@ import torch
 from . import report
 from .data import eval_sets, find_data_dir, load_fashion_mnist
 from .planning import PHASES, planned_runs, preset_from_args, run_key, timing_overrides
-from .presets import LR_GRIDS, PLAIN, PRESETS, RESULT_NAMES, Setting, Variant
+from .presets import LR_GRIDS, PRESETS, RESULT_NAMES, Setting, Variant
 from .results import adopt_step_times, merge_results, reuse_runs, start_result
 from .timing import measure_step_times
 from .training import train_run
@@ -60,11 +60,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     for name in preset.settings:
         setting = Setting.from_name(name)
-        if name not in result["lr_choice"]:
+        for init in ["default", *preset.own_lr_inits]:
+            key = report.lr_choice_key(name, init)
+            if key in result["lr_choice"]:
+                continue
             grid = args.lr_grid or LR_GRIDS[setting.optimizer]
-            scores = {lr: record(name, PLAIN, lr, preset.lr_budget, preset.seeds[0])["val_acc"] for lr in grid}
+            plain = Variant(first_layer_init=init)
+            scores = {lr: record(name, plain, lr, preset.lr_budget, preset.seeds[0])["val_acc"] for lr in grid}
             best = max(grid, key=lambda lr: scores[lr])
-            result["lr_choice"][name] = {
+            result["lr_choice"][key] = {
                 "lr": best,
                 "val_acc": {f"{lr:g}": acc for lr, acc in scores.items()},
                 "epochs": preset.lr_budget,
@@ -78,7 +82,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name}: per-step time ratio to plain {result['step_times'][name]['ratio']}", flush=True)
     for name, variant, epochs, seed in planned_runs(preset, tuple(args.phases)):
         if name in result["lr_choice"]:
-            record(name, variant, result["lr_choice"][name]["lr"], epochs, seed)
+            record(name, variant, report.chosen_lr(result, name, variant.first_layer_init), epochs, seed)
     result["environment"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     result["wall_seconds_total"] = time.perf_counter() - start
     harness.save_json(result, out)
@@ -169,6 +173,8 @@ def remeasure_step_times(result_path: Path, args: argparse.Namespace) -> Path:
     data = load_fashion_mnist(find_data_dir(args.data_dir), preset, device)
     out = {"source": str(result_path), "environment": harness.environment(device), "note": args.note, "step_times": {}}
     for name, choice in previous["lr_choice"].items():
+        if "|" in name:  # a first-layer initialisation's own learning rate: timed with the setting's
+            continue
         variants = [*preset.main_variants(name), *preset.ablation_variants(name)]
         out["step_times"][name] = measure_step_times(Setting.from_name(name), preset, data, choice["lr"], device, variants)
         before = previous["step_times"].get(name, {}).get("ratio")

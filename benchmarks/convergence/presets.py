@@ -181,6 +181,9 @@ class Preset:
         first_layer_inits (`list[str]`): first-layer initialisations of the main comparison besides the
             default (e.g. `["whiten", "whiten_frozen"]`): each runs plain and with every main lambda
             (a frozen weight only plain: TrAct changes the weight's gradient, nothing else).
+        own_lr_inits (`list[str]`): first-layer initialisations that get their own learning-rate search (the
+            plain model with that initialisation, same grid, budget and seed; its TrAct variants reuse the
+            choice, as those of the default initialisation reuse the plain model's). Others use the setting's.
     """
 
     n_train: int
@@ -211,6 +214,7 @@ class Preset:
     fidelity_seeds: list[int] = dataclasses.field(default_factory=list)
     fidelity_f64_seeds: list[int] | None = None
     first_layer_inits: list[str] = dataclasses.field(default_factory=list)
+    own_lr_inits: list[str] = dataclasses.field(default_factory=list)
 
     def lambdas_for(self, setting: str) -> list[float]:
         """TrAct lambdas of the main comparison for `setting`."""
@@ -301,5 +305,14 @@ PRESETS["cpu-full-muon"] = dataclasses.replace(PRESETS["cpu-full"], settings=["v
 PRESETS["cpu-full-whitening"] = dataclasses.replace(
     PRESETS["cpu-full"], settings=["vit-adam-std"], first_layer_inits=["whiten", "whiten_frozen"], **_CPU_FULL_SUBSET
 )
+# (c) the same whitening comparison with each whitened initialisation's own learning rate (chosen for its plain
+# model), so that a negative result is not the learning rate's.
+PRESETS["cpu-full-whitening-own-lr"] = dataclasses.replace(
+    PRESETS["cpu-full-whitening"], own_lr_inits=["whiten", "whiten_frozen"]
+)
 # Where a mode's results go by default, when not `convergence_<mode>.json`.
-RESULT_NAMES = {"cpu-full-muon": "muon_cpu-full", "cpu-full-whitening": "whitening_cpu-full"}
+RESULT_NAMES = {
+    "cpu-full-muon": "muon_cpu-full",
+    "cpu-full-whitening": "whitening_cpu-full",
+    "cpu-full-whitening-own-lr": "whitening_cpu-full_own_lr",
+}

@@ -32,15 +32,27 @@ def _is_headline_variant(variant: str) -> bool:
     return variant.startswith("tract_") and not variant.endswith("_f64")
 
 
+def lr_choice_key(setting: str, first_layer_init: str = "default") -> str:
+    """Where `result["lr_choice"]` keeps a learning-rate choice: the setting's name, or `setting|init` for a
+    first-layer initialisation with its own search (`Preset.own_lr_inits`)."""
+    return setting if first_layer_init == "default" else f"{setting}|{first_layer_init}"
+
+
+def chosen_lr(result: dict[str, Any], setting: str, first_layer_init: str = "default") -> float | None:
+    """The learning rate the runs of `setting` with `first_layer_init` use: the initialisation's own choice where
+    it has one, else the setting's."""
+    choice = result["lr_choice"].get(lr_choice_key(setting, first_layer_init)) or result["lr_choice"].get(setting)
+    return None if choice is None else choice["lr"]
+
+
 def runs_by_budget(result: dict[str, Any]) -> dict[str, dict[str, dict[int, dict[int, dict[str, Any]]]]]:
-    """The runs with each setting's chosen learning rate, as `{setting: {variant: {epochs: {seed: run}}}}`.
+    """The runs with their chosen learning rate (`chosen_lr`), as `{setting: {variant: {epochs: {seed: run}}}}`.
 
     The other learning-rate search runs are left out.
     """
     table: dict[str, Any] = {}
     for rec in result["runs"]:
-        chosen = result["lr_choice"].get(rec["setting"], {}).get("lr")
-        if rec["lr"] != chosen:
+        if rec["lr"] != chosen_lr(result, rec["setting"], rec.get("first_layer_init", "default")):
             continue
         table.setdefault(rec["setting"], {}).setdefault(rec["variant"], {}).setdefault(rec["epochs"], {})[rec["seed"]] = rec
     return table
@@ -311,7 +323,9 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
         + f"; batch size {preset['batch_size']}",
         f"- ViT: {preset['vit']}; ResNet: {preset['resnet']}",
         "- Learning rate: best for the *plain* model on the validation split "
-        f"(grid {result['lr_grids']}, {preset['lr_budget']} epochs, seed {preset['seeds'][0]}), reused for TrAct",
+        f"(grid {result['lr_grids']}, {preset['lr_budget']} epochs, seed {preset['seeds'][0]}), reused for TrAct"
+        + (f"; the first-layer initialisations {preset['own_lr_inits']} get their own (chosen for their plain model)"
+           if preset.get("own_lr_inits") else ""),
     ]
     if preset.get("ablation_settings"):
         lines.append(
@@ -389,7 +403,9 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
               "Generalisation gap = test loss − training loss (fixed training slice, eval mode).", ""]
     for setting, variants in summary.items():
         names = ["plain", *sorted(v for v in variants if v != "plain")]
-        lines += [f"### {setting} (lr {result['lr_choice'][setting]['lr']:g})", ""]
+        own = [f"{key.split('|', 1)[1]} {choice['lr']:g}" for key, choice in result["lr_choice"].items()
+               if key.startswith(setting + "|")]
+        lines += [f"### {setting} (lr {result['lr_choice'][setting]['lr']:g}" + "".join(f"; {o}" for o in own) + ")", ""]
         for metric, title in (("test_acc", "test accuracy %"), ("train_loss", "training loss"),
                               ("test_loss", "test loss"), ("gap", "generalisation gap (test − training loss)")):
             lines += [f"{title}:", "", "| epochs | " + " | ".join(_label(n) for n in names) + " |",
@@ -439,9 +455,10 @@ def markdown_report(result: dict[str, Any], plot_paths: list[str], md_dir: Path)
             )
         lines.append("")
     lines += ["## Learning-rate search (plain model, validation accuracy %)", ""]
-    for setting, choice in result["lr_choice"].items():
+    for key, choice in result["lr_choice"].items():
         scores = ", ".join(f"{lr}: {100 * acc:.2f}" for lr, acc in choice["val_acc"].items())
-        lines.append(f"- {setting}: {scores} → {choice['lr']:g}")
+        name = key.replace("|", ", first layer ") + (" init" if "|" in key else "")
+        lines.append(f"- {name}: {scores} → {choice['lr']:g}")
     lines += ["", "## Per-step training time (interleaved, median over rounds)", ""]
     if result.get("step_times_source"):
         lines += [f"Step times used above: {result['step_times_source']}.", ""]
