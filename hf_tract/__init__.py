@@ -11,6 +11,7 @@ transformers' Trainer) is loaded on first access.
 from .config import TrActConfig
 from .patching import apply_tract, is_tract_applied, remove_tract, tract_config_of, tract_layers
 from .targets import find_first_layer, find_first_layers
+from .whitening import whiten_first_layer
 
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "tract_config_of",
     "find_first_layer",
     "find_first_layers",
+    "whiten_first_layer",
     *_LAZY,
 ]
 

@@ -18,7 +18,6 @@ from hf_tract import TrActConfig, find_first_layer, tract_layers
 from .benchmark_scripts import REPO_ROOT
 from benchmarks.convergence import data, models, optimizers, planning, presets, report
 from benchmarks.convergence.training import FIRST_STEPS_LOGGED
-from benchmarks.convergence.whitening import whiten_first_layer
 
 
 def test_crossing_epochs():
@@ -170,16 +169,6 @@ def test_variants_are_described_by_tract_configs():
     model = models.apply_variant(models.build_model("vit", presets.SMALL_VIT, 0), variant)
     (config,) = {layer.tract_config for layer in tract_layers(model).values()}
     assert config.lambda_ == 0.1 and config.solve_dtype == torch.float64
-
-
-def test_whitening_makes_the_first_layer_outputs_white():
-    images = torch.randn(64, 1, 12, 12) @ torch.randn(12, 12)  # correlated pixels
-    layer = torch.nn.Conv2d(1, 12, 3, bias=True)
-    whiten_first_layer(layer, images, eps=0.0)
-    out = layer(images).detach().permute(0, 2, 3, 1).reshape(-1, 12).double()
-    cov = out[:, :9].T @ out[:, :9] / len(out)  # the n = 9 whitening filters: identity covariance (uncentred)
-    assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=1e-3)
-    assert torch.allclose(layer.weight[9:], -layer.weight[:3]) and not layer.bias.any()  # negated leading filters fill the rest
 
 
 def test_frozen_whitening_trains_only_the_bias_of_the_first_layer():

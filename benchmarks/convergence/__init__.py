@@ -11,8 +11,8 @@ One job per file:
 
 - `presets.py`: settings (`vit-adam-std`, ...), variants (each with its `hf_tract.TrActConfig`), presets;
 - `data.py`: the IDX files (Fashion-MNIST, MNIST), the splits, augmentation, preprocessing;
-- `models.py`: the tiny ViT / ResNet from transformers configs, a variant applied to the first layer;
-- `whitening.py`: the patch-whitening initialisation of the first layer;
+- `models.py`: the tiny ViT / ResNet from transformers configs, a variant applied to the first layer (TrAct,
+  patch whitening through `hf_tract.whiten_first_layer`);
 - `optimizers.py`: AdamW / SGD / Muon, the first-layer-SGD ablation through `hf_tract.optim`, the schedule;
 - `training.py`: the training loop (`fit`), evaluation, one benchmark run;
 - `timing.py`: interleaved per-step timing;

@@ -12,10 +12,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_tract import apply_tract, find_first_layer
+from hf_tract import apply_tract, find_first_layer, whiten_first_layer
 
 from .presets import Variant
-from .whitening import whiten_first_layer
 
 
 __all__ = ["apply_variant", "build_model"]
@@ -49,10 +48,9 @@ def apply_variant(model: torch.nn.Module, variant: Variant, whitening_inputs: to
     if variant.first_layer_init != "default":
         if whitening_inputs is None:
             raise ValueError(f"variant {variant.name} needs whitening_inputs")
-        _, layer = find_first_layer(model)
-        whiten_first_layer(layer, whitening_inputs)
+        name = whiten_first_layer(model, whitening_inputs, stride=1)  # every 7x7 patch, as airbench does
         if variant.first_layer_init == "whiten_frozen":
-            layer.weight.requires_grad_(False)
+            model.get_submodule(name).weight.requires_grad_(False)
     if variant.tract is None:
         return model
     if variant.implementation == "official":
