@@ -2,7 +2,8 @@
 
 The four options that build a [`TrActConfig`] (`tract_lambda`, `tract_target`, `tract_sync_gram`,
 `tract_solve_dtype`) default to `None`, "not given", so that a run can tell a value the user set from a default
-(README "Which TrAct options a run uses"); the others choose how the first layer is optimised.
+(README "Which TrAct options a run uses"); the others choose how the first layer is optimised, whether Muon
+trains the hidden Linear weights (`muon_learning_rate`), and what is logged.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class TrActTrainingArguments(TrainingArguments):
             the first layer (TrAct), embeddings, norms, biases and the output head by `optim` at
             `learning_rate`. Weight decay and the schedule apply to both. On the benchmark ViT, Muon + TrAct
             beat both Muon alone and AdamW + TrAct at 2 and 8 epochs and was level with Muon alone at 16 (README
-            "Does it help?"). Single process or DDP; not with
-            FSDP or DeepSpeed. Works with `use_tract=False` too (the plain Muon baseline).
+            "Does it help?"). Single process or DDP; not with FSDP or DeepSpeed. Works with `use_tract=False`
+            too (the plain Muon baseline).
         tract_log_stats (`bool`, *optional*, defaults to `False`):
             Add what TrAct does to the training logs (TensorBoard, W&B, `log_history`), on logging steps only:
             `tract/grad_norm_plain` and `tract/grad_norm` (first-layer weight-gradient norm before and after
