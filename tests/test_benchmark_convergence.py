@@ -194,6 +194,20 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert len(in_muon) + sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
 
 
+def test_first_layer_lr_variant_is_an_own_group_of_the_same_optimizer():
+    variant = presets.Variant.with_tract(0.1, first_layer_lr=1e-3)
+    assert variant.name == "tract_0.1_lr1st0.001" and report._label(variant.name) == "TrAct λ=0.1, 1st layer lr 0.001"
+    model = models.apply_variant(models.build_model("vit", presets.SMALL_VIT, 0), variant)
+    optimizer = optimizers.make_optimizer("adam", model, 1e-2, variant)
+    _, first = find_first_layer(model)
+    (group,) = [g for g in optimizer.param_groups if any(p is first.weight for p in g["params"])]
+    assert isinstance(optimizer, torch.optim.AdamW) and group["lr"] == 1e-3 and group["name"] == "tract"
+    assert {g["lr"] for g in optimizer.param_groups if g.get("name") != "tract"} == {1e-2}
+    with pytest.raises(ValueError, match="need a TrAct config"):
+        presets.Variant(first_layer_lr=1e-3)
+    assert variant in presets.PRESETS["cpu-full-first-layer-lr"].main_variants("vit-adam-std")
+
+
 def test_first_layer_sgd_optimizers_split_the_parameters():
     variant = presets.Variant.with_tract(0.1, first_layer_sgd_lr=0.05)
     assert variant.name == "tract_0.1_sgd1"

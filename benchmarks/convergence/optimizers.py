@@ -32,21 +32,26 @@ def make_optimizer(optimizer: str, model: torch.nn.Module, lr: float, variant: V
     rest (the first layer included, as Muon's authors advise). With `variant.first_layer_sgd_lr` the TrAct layer's
     parameters are taken out with `hf_tract.optim.split_tract_param_groups` and trained by `torch.optim.SGD`
     (momentum 0.9, weight decay 5e-4), combined with the rest by `hf_tract.optim.CombinedOptimizer`: the same
-    plumbing as `TrActTrainingArguments(tract_optimizer="sgd")`.
+    plumbing as `TrActTrainingArguments(tract_optimizer="sgd")`. With `variant.first_layer_lr` the TrAct layer's
+    parameters get their own groups of the same optimizer at that learning rate (`tract_learning_rate`).
 
     Returns:
         `torch.optim.Optimizer`: one optimizer (a `CombinedOptimizer` where there are several), so one scheduler
         drives all learning rates.
     """
     if optimizer == "muon":
-        if variant.first_layer_sgd_lr is not None:
-            raise ValueError("the first-layer SGD ablation is defined for the adam and sgd settings only")
+        if variant.first_layer_sgd_lr is not None or variant.first_layer_lr is not None:
+            raise ValueError("the first-layer optimizer variants are defined for the adam and sgd settings only")
         return _muon(model, lr)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
         main = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     else:
         main = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if variant.first_layer_lr is not None:  # as TrActTrainingArguments(tract_learning_rate=...)
+        for group in split_tract_param_groups(main, model, learning_rate=variant.first_layer_lr):
+            main.add_param_group(group)
+        return main
     if variant.first_layer_sgd_lr is None:
         return main
     groups = split_tract_param_groups(main, model, learning_rate=variant.first_layer_sgd_lr, weight_decay=5e-4)

@@ -80,20 +80,27 @@ class Variant:
         first_layer_sgd_lr (`float`, *optional*): train the first layer with SGD (momentum 0.9) at this
             learning rate while the rest keeps the setting's optimizer (through `hf_tract.optim`).
         first_layer_init (`str`): `"default"` (the model's own initialisation), `"whiten"` (patch whitening of
-            the training images, see [`whitening.whiten_first_layer`]) or `"whiten_frozen"` (the same, then the
+            the training images, see `hf_tract.whiten_first_layer`) or `"whiten_frozen"` (the same, then the
             weight is frozen; the bias trains, as in airbench).
+        first_layer_lr (`float`, *optional*): the TrAct layer in its own group of the setting's optimizer at this
+            learning rate (what `TrActTrainingArguments(tract_learning_rate=...)` does).
     """
 
     tract: TrActConfig | None = None
     implementation: str = "hf_tract"
     first_layer_sgd_lr: float | None = None
     first_layer_init: str = "default"
+    first_layer_lr: float | None = None
 
     def __post_init__(self):
         if self.first_layer_init not in FIRST_LAYER_INITS:
             raise ValueError(f"first_layer_init must be one of {FIRST_LAYER_INITS}, got {self.first_layer_init!r}")
-        if self.tract is None and (self.implementation != "hf_tract" or self.first_layer_sgd_lr is not None):
-            raise ValueError("the official implementation and the first-layer SGD ablation need a TrAct config")
+        if self.tract is None and (
+            self.implementation != "hf_tract" or self.first_layer_sgd_lr is not None or self.first_layer_lr is not None
+        ):
+            raise ValueError("the official implementation and the first-layer optimizer variants need a TrAct config")
+        if self.first_layer_sgd_lr is not None and self.first_layer_lr is not None:
+            raise ValueError("first_layer_sgd_lr and first_layer_lr are two different variants; give one")
 
     @classmethod
     def with_tract(cls, lambda_: float, **kwargs: Any) -> Variant:
@@ -123,6 +130,8 @@ class Variant:
                 name += "_f64"
             if self.first_layer_sgd_lr is not None:
                 name += "_sgd1"
+            if self.first_layer_lr is not None:
+                name += f"_lr1st{self.first_layer_lr:g}"
         if self.first_layer_init != "default":
             name += f"_{self.first_layer_init}"
         return name
@@ -136,6 +145,7 @@ class Variant:
             "solve_dtype": self.solve_dtype,
             "first_layer_sgd_lr": self.first_layer_sgd_lr,
             "first_layer_init": self.first_layer_init,
+            "first_layer_lr": self.first_layer_lr,
             "tract_config": None if self.tract is None else self.tract.to_dict(),
         }
 
@@ -184,6 +194,8 @@ class Preset:
         own_lr_inits (`list[str]`): first-layer initialisations that get their own learning-rate search (the
             plain model with that initialisation, same grid, budget and seed; its TrAct variants reuse the
             choice, as those of the default initialisation reuse the plain model's). Others use the setting's.
+        first_layer_lrs (`list[float]`): the main comparison also runs TrAct (every main lambda) with the first
+            layer in its own group at each of these learning rates (`Variant.first_layer_lr`).
     """
 
     n_train: int
@@ -215,14 +227,17 @@ class Preset:
     fidelity_f64_seeds: list[int] | None = None
     first_layer_inits: list[str] = dataclasses.field(default_factory=list)
     own_lr_inits: list[str] = dataclasses.field(default_factory=list)
+    first_layer_lrs: list[float] = dataclasses.field(default_factory=list)
 
     def lambdas_for(self, setting: str) -> list[float]:
         """TrAct lambdas of the main comparison for `setting`."""
         return self.setting_lambdas.get(setting, self.lambdas)
 
     def main_variants(self, setting: str) -> list[Variant]:
-        """Plain and one hf_tract variant per main lambda, for the default and every extra first-layer init."""
+        """Plain and one hf_tract variant per main lambda (and per first-layer learning rate), for the default and
+        every extra first-layer init."""
         variants = [PLAIN, *(Variant.with_tract(lam) for lam in self.lambdas_for(setting))]
+        variants += [Variant.with_tract(lam, first_layer_lr=lr) for lr in self.first_layer_lrs for lam in self.lambdas_for(setting)]
         for init in self.first_layer_inits:
             variants.append(Variant(first_layer_init=init))
             if init != "whiten_frozen":
@@ -310,9 +325,16 @@ PRESETS["cpu-full-whitening"] = dataclasses.replace(
 PRESETS["cpu-full-whitening-own-lr"] = dataclasses.replace(
     PRESETS["cpu-full-whitening"], own_lr_inits=["whiten", "whiten_frozen"]
 )
+# (d) at the plain model's learning rate of the extended AdamW grid (1e-2, where TrAct fell behind plain), TrAct with
+# the first layer at the 3-point grid's 1e-3 (`tract_learning_rate`). Run with `--lr-grid 0.0003,0.001,0.003,0.01
+# --reuse-runs benchmarks/results/whitening_cpu-full_own_lr.json`: the choice and the plain / TrAct runs come from there.
+PRESETS["cpu-full-first-layer-lr"] = dataclasses.replace(
+    PRESETS["cpu-full"], settings=["vit-adam-std"], first_layer_lrs=[1e-3], **dict(_CPU_FULL_SUBSET, budgets=[2, 8, 16])
+)
 # Where a mode's results go by default, when not `convergence_<mode>.json`.
 RESULT_NAMES = {
     "cpu-full-muon": "muon_cpu-full",
     "cpu-full-whitening": "whitening_cpu-full",
     "cpu-full-whitening-own-lr": "whitening_cpu-full_own_lr",
+    "cpu-full-first-layer-lr": "first_layer_lr_cpu-full",
 }

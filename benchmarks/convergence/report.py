@@ -284,6 +284,9 @@ def _label(variant: str) -> str:
         label += ", 1st layer SGD"
     if "f64" in rest:
         label += ", float64 solve"
+    for part in rest:
+        if part.startswith("lr1st"):
+            label += f", 1st layer lr {part[len('lr1st'):]}"
     return label
 
 
