@@ -179,12 +179,16 @@ def muon_parameter_names(model: nn.Module) -> list[str]:
     Returns:
         `list[str]`: Qualified parameter names, in the model's order.
     """
-    model = unwrap_model(model)
+    return list(_muon_parameters(unwrap_model(model)).values())
+
+
+def _muon_parameters(model: nn.Module) -> dict[int, str]:
+    """`id(param) -> qualified name` of the parameters `muon_parameter_names` lists, in the model's order."""
     first = _tract_parameters(model) or {
         id(p): name for _, layer in find_first_layers(model) for name, p in layer.named_parameters()
     }
     excluded = set(first) | _output_head_parameters(model)
-    names = []
+    params: dict[int, str] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, nn.Linear):
@@ -194,8 +198,8 @@ def muon_parameter_names(model: nn.Module) -> list[str]:
         else:
             continue
         if matrix.requires_grad and id(matrix) not in excluded:
-            names.append(prefix + name)
-    return list(dict.fromkeys(names))
+            params.setdefault(id(matrix), prefix + name)  # a shared weight once
+    return params
 
 
 def split_muon_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr: float, **muon_kwargs: Any) -> torch.optim.Muon:
@@ -225,9 +229,7 @@ def split_muon_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, lr:
     ```
     """
     model = unwrap_model(model)
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    wanted = set(muon_parameter_names(model))
-    params = {pid: name for pid, name in by_id.items() if name in wanted}
+    params = _muon_parameters(model)
     if not params:
         raise ValueError(
             "The model has no hidden `nn.Linear` weight for Muon (convolution kernels, embeddings, the first layer "

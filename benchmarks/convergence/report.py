@@ -294,7 +294,6 @@ def _ratio_cell(measured: float | None, interp: float | None) -> str:
     return f"{_fmt(measured, '.2f', '×')} ({_fmt(interp, '.2f', '×')})"
 
 
-
 def _budgets_text(result: dict[str, Any]) -> str:
     """The budgets the runs have (the preset's, late ones, and any added with `--resume`), per setting where they differ."""
     by_setting: dict[str, set[int]] = {}
